@@ -1,0 +1,71 @@
+# Every megatron-core version gate of megatron-pr2 lives in this file (supported: 0.16 to 0.19).
+#
+# Nothing else in the package compares versions or probes megatron-core for optional names: code
+# calls the helpers below, so supporting a new release means editing one file.
+
+import functools
+import inspect
+from typing import Any, Callable, Optional
+
+from packaging.version import Version
+
+import megatron.core
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+MCORE_VERSION = Version(megatron.core.__version__)
+MIN_MCORE, MAX_MCORE_EXCLUSIVE = Version("0.16.0"), Version("0.20.0")
+
+
+def check_mcore_version() -> None:
+    """Raise if the installed megatron-core is outside the supported range."""
+    if not (MIN_MCORE <= MCORE_VERSION < MAX_MCORE_EXCLUSIVE):
+        raise RuntimeError(
+            f"megatron-pr2 supports megatron-core >={MIN_MCORE},<{MAX_MCORE_EXCLUSIVE}; "
+            f"found {MCORE_VERSION}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Router constructor: 0.16 takes (config, pg_collection); 0.17+ adds is_mtp_layer.
+# ---------------------------------------------------------------------------------------------
+ROUTER_TAKES_IS_MTP_LAYER = "is_mtp_layer" in inspect.signature(TopKRouter.__init__).parameters
+
+
+def router_init_kwargs(pg_collection: Any, is_mtp_layer: bool = False) -> dict:
+    """Keyword arguments for TopKRouter.__init__ on the installed release."""
+    kwargs = {"pg_collection": pg_collection}
+    if ROUTER_TAKES_IS_MTP_LAYER:
+        kwargs["is_mtp_layer"] = is_mtp_layer
+    elif is_mtp_layer:
+        raise ValueError(f"is_mtp_layer=True needs megatron-core >= 0.17 (found {MCORE_VERSION})")
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE spec form: a ModuleSpec(module=MoELayer, submodules=MoESubmodules) on 0.16, and
+# functools.partial(MoELayer, submodules=MoESubmodules) on newer releases.
+# ---------------------------------------------------------------------------------------------
+def moe_submodules_of(spec: Any) -> Optional[MoESubmodules]:
+    """Return the MoESubmodules of an MoE-layer spec in either form, else None."""
+    if isinstance(spec, ModuleSpec):
+        module, submodules = spec.module, spec.submodules
+    elif isinstance(spec, functools.partial):
+        module, submodules = spec.func, spec.keywords.get("submodules")
+    else:
+        return None
+    if isinstance(module, type) and issubclass(module, MoELayer):
+        assert isinstance(submodules, MoESubmodules), f"MoELayer spec without submodules: {spec}"
+        return submodules
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics tracker: save_to_aux_losses_tracker exists in both; 0.19 keeps its state in a tracker
+# object and exposes the legacy dict view through get_moe_layer_wise_logging_tracker().
+# ---------------------------------------------------------------------------------------------
+save_to_aux_losses_tracker: Callable = moe_utils.save_to_aux_losses_tracker
+get_moe_layer_wise_logging_tracker: Callable = moe_utils.get_moe_layer_wise_logging_tracker
+clear_aux_losses_tracker: Callable = moe_utils.clear_aux_losses_tracker

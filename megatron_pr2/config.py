@@ -1,0 +1,99 @@
+# PR2Config: the settings of Predictive Routing Replay, passed to the router builder by apply_pr2.
+#
+# PR2 settings never go into Megatron-Core's TransformerConfig (MLA and other model families replace
+# that class); the router reads the MoE settings from TransformerConfig and these from PR2Config.
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+PREDICTOR_KINDS = ("linear", "lowrank", "bias")
+LOSS_KINDS = ("kl-post", "delta-kl", "l2")
+MISSING_ROUTE_POLICIES = ("error", "fallback")
+
+
+@dataclass(frozen=True)
+class PR2Config:
+    """Settings of the PR2 evolution predictor, its loss and the replay policy."""
+
+    predictor: str = "linear"
+    """Evolution predictor kind. "linear": a hidden x num_experts head W_p without bias,
+    zero-initialised (the paper's default, so PR2 starts exactly as R2). "lowrank": W_p = A B with
+    rank `predictor_rank` (B zero-initialised). "bias": one learned logit offset per expert."""
+
+    predictor_rank: int = 16
+    """Rank of the "lowrank" predictor; ignored by the other kinds."""
+
+    loss: str = "kl-post"
+    """Predictor objective. "kl-post" (paper): KL(softmax(p_live) || softmax(p_old + h_old W_p)).
+    "delta-kl": KL(softmax(p_live - p_old) || softmax(h_old W_p)). "l2": mean squared error between
+    p_old + h_old W_p and p_live. p_live is always detached: only the predictor learns from it."""
+
+    loss_coeff: float = 1.0
+    """Multiplier of the predictor loss before it joins the policy loss's backward pass."""
+
+    alpha: float = 100.0
+    """Predictor learning-rate multiplier: the predictor trains at alpha x base lr (the paper
+    sweeps 50, 1e2, 1e3, 1e4). Applied by `predictor_param_groups` / the Megatron optimizer hook."""
+
+    cache_tokens_per_sequence: int = 64
+    """Tokens per sequence whose (h_old, p_old) the predict_record pass caches for the predictor
+    loss, sub-sampled uniformly along the sequence (a fixed stride). 0 disables the cache (the
+    predictor is then never trained); -1 caches every token."""
+
+    loss_start_ministep: int = 2
+    """First training mini-step (1-based, within one rollout batch) that adds the predictor loss.
+    The paper uses 2: at mini-step 1 the live router equals the recorded one, so there is no drift
+    to learn from. With N = 1 mini-step the predictor never trains and PR2 equals R2."""
+
+    missing_route_policy: str = "error"
+    """What replay does when a token has no recorded route (routes marked missing with -1).
+    "error": raise. "fallback": that token is routed by the live router (top-k of live scores)."""
+
+    telemetry: bool = True
+    """Compute per-layer health metrics (top-k accuracies, flip rate, predictor loss, bias-to-logit
+    ratio) during replay. Costs one extra top-k per layer; turn off for benchmarks of the bare path."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"PR2Config.{name}={getattr(self, name)!r}: {why}")
+
+        if self.predictor not in PREDICTOR_KINDS:
+            raise bad("predictor", f"must be one of {PREDICTOR_KINDS}")
+        if self.loss not in LOSS_KINDS:
+            raise bad("loss", f"must be one of {LOSS_KINDS}")
+        if self.missing_route_policy not in MISSING_ROUTE_POLICIES:
+            raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
+        if not isinstance(self.predictor_rank, int) or self.predictor_rank < 1:
+            raise bad("predictor_rank", "must be an integer >= 1")
+        if not self.alpha > 0:
+            raise bad("alpha", "must be > 0")
+        if not self.loss_coeff >= 0:
+            raise bad("loss_coeff", "must be >= 0")
+        if not isinstance(self.cache_tokens_per_sequence, int) or self.cache_tokens_per_sequence < -1:
+            raise bad("cache_tokens_per_sequence", "must be an integer >= -1 (-1 = all tokens)")
+        if not isinstance(self.loss_start_ministep, int) or self.loss_start_ministep < 1:
+            raise bad("loss_start_ministep", "must be an integer >= 1")
+
+    @classmethod
+    def field_docs(cls) -> dict:
+        """Field name -> first sentence of its docstring (used by the --pr2-* argument help)."""
+        import ast
+        import inspect
+        import textwrap
+
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body
+        docs = {}
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+        return {f.name: docs.get(f.name, "") for f in fields(cls)}
+
+
+def stride_for(seq_length: int, cache_tokens_per_sequence: int) -> Optional[int]:
+    """Token stride of the predictor cache for one sequence, or None when caching is off."""
+    if cache_tokens_per_sequence == 0:
+        return None
+    if cache_tokens_per_sequence == -1 or cache_tokens_per_sequence >= seq_length:
+        return 1
+    return -(-seq_length // cache_tokens_per_sequence)
