@@ -7,13 +7,12 @@ import functools
 import inspect
 from typing import Any, Callable, Optional
 
-from packaging.version import Version
-
 import megatron.core
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
+from packaging.version import Version
 
 MCORE_VERSION = Version(megatron.core.__version__)
 MIN_MCORE, MAX_MCORE_EXCLUSIVE = Version("0.16.0"), Version("0.20.0")

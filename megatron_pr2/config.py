@@ -69,7 +69,10 @@ class PR2Config:
             raise bad("alpha", "must be > 0")
         if not self.loss_coeff >= 0:
             raise bad("loss_coeff", "must be >= 0")
-        if not isinstance(self.cache_tokens_per_sequence, int) or self.cache_tokens_per_sequence < -1:
+        if (
+            not isinstance(self.cache_tokens_per_sequence, int)
+            or self.cache_tokens_per_sequence < -1
+        ):
             raise bad("cache_tokens_per_sequence", "must be an integer >= -1 (-1 = all tokens)")
         if not isinstance(self.loss_start_ministep, int) or self.loss_start_ministep < 1:
             raise bad("loss_start_ministep", "must be an integer >= 1")

@@ -76,7 +76,9 @@ class PredictorCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.token_index, self.hidden, self.logits))
+        return sum(
+            t.numel() * t.element_size() for t in (self.token_index, self.hidden, self.logits)
+        )
 
 
 class RouteBatch:
@@ -96,7 +98,9 @@ class RouteBatch:
     ) -> None:
         """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts))."""
         if indices.dim() != 3:
-            raise ValueError(f"RouteBatch indices must be [tokens, moe_layers, k], got {tuple(indices.shape)}")
+            raise ValueError(
+                f"RouteBatch indices must be [tokens, moe_layers, k], got {tuple(indices.shape)}"
+            )
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise ValueError(f"RouteBatch indices must be an integer tensor, got {indices.dtype}")
         if num_experts < 1:
@@ -112,16 +116,24 @@ class RouteBatch:
         self._missing = None
         if bool(missing.any()):
             if not bool((missing.all(dim=-1) | ~missing.any(dim=-1)).all()):
-                raise ValueError("RouteBatch: a token is either fully missing (-1 in every slot) or not")
+                raise ValueError(
+                    "RouteBatch: a token is either fully missing (-1 in every slot) or not"
+                )
             self._missing = pack_bits(missing[..., 0], 1)
         self._packed = pack_bits(indices.clamp(min=0), bits_for(num_experts))
         self._dropped = None if dropped is None else pack_bits(dropped, 1)
         if dropped is not None and tuple(dropped.shape) != self.shape:
-            raise ValueError(f"RouteBatch dropped shape {tuple(dropped.shape)} != indices {self.shape}")
+            raise ValueError(
+                f"RouteBatch dropped shape {tuple(dropped.shape)} != indices {self.shape}"
+            )
         if token_index is not None and token_index.shape != (self.shape[0],):
-            raise ValueError(f"RouteBatch token_index shape {tuple(token_index.shape)} != ({self.shape[0]},)")
+            raise ValueError(
+                f"RouteBatch token_index shape {tuple(token_index.shape)} != ({self.shape[0]},)"
+            )
         if layer_index is not None and layer_index.shape != (self.shape[1],):
-            raise ValueError(f"RouteBatch layer_index shape {tuple(layer_index.shape)} != ({self.shape[1]},)")
+            raise ValueError(
+                f"RouteBatch layer_index shape {tuple(layer_index.shape)} != ({self.shape[1]},)"
+            )
         self.token_index = None if token_index is None else token_index.to(torch.int64)
         self.layer_index = None if layer_index is None else layer_index.to(torch.int64)
         self.num_tokens = int(num_tokens) if num_tokens is not None else self.shape[0]
@@ -159,7 +171,9 @@ class RouteBatch:
         """[T, L] bool, True where a token has no route; None when every token has one."""
         if self._missing is None:
             return None
-        return unpack_bits(self._missing, 1, self.shape[0] * self.shape[1]).view(self.shape[:2]).bool()
+        return (
+            unpack_bits(self._missing, 1, self.shape[0] * self.shape[1]).view(self.shape[:2]).bool()
+        )
 
     @property
     def dropped(self) -> Optional[torch.Tensor]:
@@ -176,7 +190,9 @@ class RouteBatch:
     def rows_for(self, token_index: torch.Tensor) -> torch.Tensor:
         """Row positions in this batch of the given canonical token ids (error if one is absent)."""
         if self.token_index is None:
-            if token_index.numel() and (token_index.min() < 0 or token_index.max() >= self.shape[0]):
+            if token_index.numel() and (
+                token_index.min() < 0 or token_index.max() >= self.shape[0]
+            ):
                 raise ValueError(
                     f"RouteBatch holds tokens 0..{self.shape[0] - 1}; asked for tokens in "
                     f"[{int(token_index.min())}, {int(token_index.max())}]"

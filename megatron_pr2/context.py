@@ -1,0 +1,486 @@
+# routing(model, mode, routes=None): the one switch between stock routing, recording and replay.
+#
+# Shapes: T_local router rows of one microbatch on this rank (flattened [s, b], sequence-major),
+# k top-k, E experts, H hidden; C cached tokens; L_local MoE layers of this rank.
+#
+# Routes are bound to microbatches, never to a global FIFO: the n-th forward of a router inside a
+# context is microbatch n, and the n-th activation recompute of that router (a forward that runs
+# inside autograd's backward: Megatron's full and selective recompute) is again microbatch n.
+# This holds for every Megatron-Core schedule (no pipelining, 1F1B, interleaved), which run the
+# backward passes of one model chunk in forward order. All state lives on the session object the
+# context hands to the model's routers and drops on exit.
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+from megatron_pr2.config import stride_for
+from megatron_pr2.predictor import predictor_loss
+from megatron_pr2.router import PR2Router, _TopKOverride, num_moe_layers
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+
+MODES = ("off", "record", "predict_record", "replay")
+METRIC_NAMES = (
+    "route_topk_accuracy",
+    "flip_rate",
+    "r2_topk_accuracy",
+    "predictive_topk_accuracy",
+    "predictor_loss",
+    "bias_to_logit_ratio",
+)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. for activation recompute forwards."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N] number of experts two [N, k] top-k index sets share."""
+    return (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)
+
+
+@torch.no_grad()
+def live_topk(router: PR2Router, logits: torch.Tensor) -> torch.Tensor:
+    """[N, k] experts the live router picks for logits [N, E] (same selection rule as routing)."""
+    override = _TopKOverride(None)
+    topk_routing_with_score_function(
+        logits,
+        router.topk,
+        use_pre_softmax=router.config.moe_router_pre_softmax,
+        num_groups=router.config.moe_router_num_groups,
+        group_topk=router.config.moe_router_group_topk,
+        scaling_factor=router.config.moe_router_topk_scaling_factor,
+        score_function=router.score_function,
+        expert_bias=router.expert_bias,
+        router_replay=override,
+    )
+    return override.top_indices
+
+
+def cache_rows(layout: TokenLayout, cache_tokens_per_sequence: int) -> torch.Tensor:
+    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence."""
+    stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
+    if stride is None:
+        return torch.zeros(0, dtype=torch.int64)
+    position = layout.token_index % layout.seq_length
+    return torch.nonzero(position % stride == 0).squeeze(1)
+
+
+@dataclass
+class _Recorded:
+    """What one router recorded for one microbatch (router row order)."""
+
+    top_indices: torch.Tensor
+    dropped: Optional[torch.Tensor]
+    hidden: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _LocalRoutes:
+    """One microbatch's routes decoded for this rank's router rows (shared by its routers)."""
+
+    indices: torch.Tensor  # [T_local, L, k]
+    dropped: Optional[torch.Tensor]  # [T_local, L, k]
+    columns: Dict[int, int]  # global MoE-layer id -> column
+    cache_rows: Optional[torch.Tensor] = None  # [C_local] router rows of cached tokens
+    cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
+    cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
+
+
+@dataclass
+class _RouterState:
+    forward_calls: int = 0
+    recompute_calls: int = 0
+    recorded: List[_Recorded] = field(default_factory=list)
+    sums: Dict[str, float] = field(default_factory=dict)
+    counts: Dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, value: torch.Tensor, count: int = 1) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(value) * count
+        self.counts[name] = self.counts.get(name, 0) + count
+
+
+class RoutingSession:
+    """State of one `routing()` context, shared by all PR2 routers of the model."""
+
+    def __init__(
+        self,
+        mode: str,
+        routers: List[PR2Router],
+        routes: Optional[List[RouteBatch]],
+        ministep: int,
+        layout: Optional[TokenLayout],
+    ) -> None:
+        self.mode = mode
+        self.routers = routers
+        self.routes = routes
+        self.ministep = ministep
+        self.layout = layout
+        self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
+        self._layouts: Dict[int, TokenLayout] = {}
+        self._local: Dict[int, _LocalRoutes] = {}
+
+    # -- per-microbatch views ------------------------------------------------------------------
+    def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
+        layout = self._layouts.get(microbatch)
+        if layout is None:
+            rows = hidden.shape[0] * hidden.shape[1]
+            if self.layout is not None:
+                layout = self.layout
+            elif self.routes is not None and self.routes[microbatch].token_index is not None:
+                shard = self.routes[microbatch]
+                seq_length = shard.seq_length or hidden.shape[0]
+                layout = TokenLayout(shard.token_index, shard.num_tokens, seq_length)
+            else:
+                layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
+            if layout.token_index.numel() != rows:
+                raise ValueError(
+                    f"microbatch {microbatch}: the router sees {rows} tokens "
+                    f"(input {tuple(hidden.shape[:2])}) but the route layout has "
+                    f"{layout.token_index.numel()}"
+                )
+            self._layouts[microbatch] = layout
+        return layout
+
+    def _local_routes(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router
+    ) -> _LocalRoutes:
+        local = self._local.get(microbatch)
+        if local is not None:
+            return local
+        batch = self.routes[microbatch]
+        if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
+            raise ValueError(
+                f"microbatch {microbatch}: route has k={batch.topk}, num_experts="
+                f"{batch.num_experts}; the model routes top-{router.topk} of "
+                f"{router.config.num_moe_experts}"
+            )
+        if batch.token_index is None and batch.num_tokens != layout.num_tokens:
+            raise ValueError(
+                f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
+                f"has {layout.num_tokens}"
+            )
+        rows = batch.rows_for(layout.token_index)
+        layer_ids = batch.layer_index
+        if layer_ids is None:
+            layer_ids = torch.arange(batch.num_layers)
+        expected = {r.moe_layer_id for r in self.routers}
+        absent = sorted(expected - set(layer_ids.tolist()))
+        if absent:
+            raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
+        dropped = batch.dropped
+        local = _LocalRoutes(
+            indices=batch.indices[rows],
+            dropped=None if dropped is None else dropped[rows],
+            columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
+        )
+        if batch.cache is not None:
+            position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+            position[layout.token_index] = torch.arange(layout.token_index.numel())
+            cached_rows = position[batch.cache.token_index]
+            here = cached_rows >= 0
+            local.cache_rows = cached_rows[here]
+            local.cache_hidden = batch.cache.hidden[here]
+            local.cache_logits = batch.cache.logits[here]
+        self._local[microbatch] = local
+        return local
+
+    # -- the router hook -------------------------------------------------------------------------
+    def route(self, router: PR2Router, hidden, logits, padding_mask):
+        """Route one microbatch through `router` according to the session's mode."""
+        state = self.states[id(router)]
+        recompute = _in_backward()
+        if recompute:
+            microbatch = state.recompute_calls
+            state.recompute_calls += 1
+            if microbatch >= state.forward_calls:
+                raise RuntimeError(
+                    f"MoE layer {router.moe_layer_id}: activation recompute of microbatch "
+                    f"{microbatch}, which never ran forward in this routing() context"
+                )
+        else:
+            microbatch = state.forward_calls
+            state.forward_calls += 1
+        layout = self._layout_for(microbatch, hidden)
+        if self.mode == "replay":
+            return self._replay(
+                router, state, microbatch, layout, hidden, logits, padding_mask, recompute
+            )
+        return self._record(
+            router, state, microbatch, layout, hidden, logits, padding_mask, recompute
+        )
+
+    def _record(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
+        effective = logits
+        if self.mode == "predict_record":
+            with torch.no_grad():
+                offset = router.predictor_offset(hidden)
+            effective = logits + offset.to(logits.dtype)
+        if recompute:
+            done = state.recorded[microbatch]
+            probs, routing_map, _, _ = router.route(
+                effective, padding_mask, done.top_indices, done.dropped
+            )
+            return probs, routing_map
+        probs, routing_map, top_indices, dropped = router.route(effective, padding_mask)
+        record = _Recorded(top_indices.detach(), None if dropped is None else dropped.detach())
+        if self.mode == "predict_record":
+            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
+            record.hidden = hidden.reshape(-1, hidden.shape[-1])[rows].detach().float()
+            record.logits = logits.reshape(-1, logits.shape[-1])[rows].detach().float()
+        state.recorded.append(record)
+        return probs, routing_map
+
+    def _replay(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
+        if microbatch >= len(self.routes):
+            raise RuntimeError(
+                f"MoE layer {router.moe_layer_id}: forward of microbatch {microbatch} but "
+                f"routing(..., 'replay') was given routes for {len(self.routes)} microbatches"
+            )
+        local = self._local_routes(microbatch, layout, router)
+        column = local.columns[router.moe_layer_id]
+        target = local.indices[:, column].to(logits.device)
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        live = None
+        if bool((target < 0).any()):
+            if router.pr2_config.missing_route_policy == "error":
+                raise ValueError(
+                    f"MoE layer {router.moe_layer_id}, microbatch {microbatch}: "
+                    f"{int((target[:, 0] < 0).sum())} tokens have no route "
+                    "(PR2Config.missing_route_policy='error')"
+                )
+            live = live_topk(router, flat_logits)
+            target = torch.where(target < 0, live, target)
+        if not recompute:
+            _check_distinct(target, router.moe_layer_id, microbatch)
+        dropped = None if local.dropped is None else local.dropped[:, column].to(logits.device)
+        probs, routing_map, _, _ = router.route(logits, padding_mask, target, dropped)
+
+        cached = local.cache_rows is not None and local.cache_rows.numel() > 0
+        loss = None
+        if cached:
+            old_hidden = local.cache_hidden[:, column].to(logits.device)
+            old_logits = local.cache_logits[:, column].to(logits.device)
+            live_cached = flat_logits[local.cache_rows.to(logits.device)].detach()
+            offset = router.predictor_offset(old_hidden)
+            loss = predictor_loss(router.pr2_config.loss, live_cached, old_logits, offset)
+        if router.training and torch.is_grad_enabled():
+            if loss is not None and self.ministep >= router.pr2_config.loss_start_ministep:
+                probs = router.attach_predictor_loss(probs, loss)
+            else:
+                probs = router.attach_zero_predictor_grad(probs)
+
+        if router.pr2_config.telemetry and not recompute:
+            with torch.no_grad():
+                if live is None:
+                    live = live_topk(router, flat_logits)
+                overlap = topk_overlap(target, live)
+                state.add("route_topk_accuracy", overlap.float().mean() / router.topk, len(overlap))
+                state.add("flip_rate", (overlap < router.topk).float().mean(), len(overlap))
+                if cached:
+                    live_cached_top = live_topk(router, live_cached)
+                    r2_top = live_topk(router, old_logits)
+                    predicted_top = live_topk(router, old_logits + offset.detach())
+                    n = len(live_cached_top)
+                    state.add(
+                        "r2_topk_accuracy",
+                        topk_overlap(r2_top, live_cached_top).float().mean() / router.topk,
+                        n,
+                    )
+                    state.add(
+                        "predictive_topk_accuracy",
+                        topk_overlap(predicted_top, live_cached_top).float().mean() / router.topk,
+                        n,
+                    )
+                    state.add("predictor_loss", loss.detach(), n)
+                    ratio = offset.detach().abs().mean() / old_logits.abs().mean().clamp(min=1e-12)
+                    state.add("bias_to_logit_ratio", ratio, n)
+        return probs, routing_map
+
+    # -- results -------------------------------------------------------------------------------
+    def layer_ids(self) -> List[int]:
+        return sorted(r.moe_layer_id for r in self.routers)
+
+    def close(self) -> None:
+        """Check that every route was consumed exactly once per router."""
+        if self.mode != "replay":
+            counts = {self.states[id(r)].forward_calls for r in self.routers}
+            if len(counts) > 1:
+                raise RuntimeError(f"routers recorded different numbers of microbatches: {counts}")
+            return
+        for router in self.routers:
+            calls = self.states[id(router)].forward_calls
+            if calls != len(self.routes):
+                raise RuntimeError(
+                    f"MoE layer {router.moe_layer_id} ran {calls} forward passes but "
+                    f"{len(self.routes)} microbatch routes were given: "
+                    f"{len(self.routes) - calls} left unconsumed"
+                )
+
+    def recorded_routes(self) -> List[RouteBatch]:
+        """One RouteBatch per recorded microbatch (canonical order when this rank saw it all)."""
+        routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
+        layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+        config = routers[0].config
+        all_layers = torch.equal(layer_ids, torch.arange(num_moe_layers(config)))
+        out = []
+        for microbatch in range(self.states[id(routers[0])].forward_calls):
+            records = [self.states[id(r)].recorded[microbatch] for r in routers]
+            layout = self._layouts[microbatch]
+            indices = torch.stack([rec.top_indices for rec in records], dim=1).cpu()
+            dropped = None
+            if records[0].dropped is not None:
+                dropped = torch.stack([rec.dropped for rec in records], dim=1).cpu()
+            cache = None
+            if records[0].hidden is not None:
+                rows = cache_rows(layout, routers[0].pr2_config.cache_tokens_per_sequence)
+                cache = PredictorCache(
+                    token_index=layout.token_index[rows],
+                    hidden=torch.stack([rec.hidden for rec in records], dim=1).cpu(),
+                    logits=torch.stack([rec.logits for rec in records], dim=1).cpu(),
+                )
+            token_index = layout.token_index
+            if layout.is_full():
+                # This rank saw every token: store rows in canonical order.
+                order = torch.argsort(token_index)
+                indices = indices[order]
+                dropped = None if dropped is None else dropped[order]
+                token_index = None
+            out.append(
+                RouteBatch(
+                    indices,
+                    config.num_moe_experts,
+                    dropped=dropped,
+                    token_index=token_index,
+                    layer_index=None if all_layers else layer_ids,
+                    num_tokens=layout.num_tokens,
+                    seq_length=layout.seq_length,
+                    cache=cache,
+                )
+            )
+        return out
+
+    def metrics(self) -> Dict[str, torch.Tensor]:
+        """Per-layer means over the replayed tokens: name -> [L_local] (NaN where not measured)."""
+        routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
+        out = {}
+        for name in METRIC_NAMES:
+            values = []
+            for router in routers:
+                state = self.states[id(router)]
+                count = state.counts.get(name, 0)
+                values.append(state.sums[name] / count if count else float("nan"))
+            out[name] = torch.tensor(values, dtype=torch.float64)
+        return out
+
+
+def _check_distinct(target: torch.Tensor, layer: int, microbatch: int) -> None:
+    """Raise if a token's replayed route names one expert twice (it would break dispatch)."""
+    ordered = target.sort(dim=1).values
+    duplicate = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if bool(duplicate.any()):
+        token = int(torch.nonzero(duplicate)[0])
+        raise ValueError(
+            f"MoE layer {layer}, microbatch {microbatch}: router row {token} replays a duplicate "
+            f"expert {target[token].tolist()}"
+        )
+
+
+class RoutingHandle:
+    """What `routing()` yields: recorded routes and replay telemetry of the context."""
+
+    def __init__(self, session: RoutingSession) -> None:
+        self._session = session
+
+    @property
+    def mode(self) -> str:
+        return self._session.mode
+
+    @property
+    def routes_per_microbatch(self) -> List[RouteBatch]:
+        """Recorded routes, one RouteBatch per microbatch in forward order."""
+        if self._session.mode not in ("record", "predict_record"):
+            raise ValueError(
+                f"routes are recorded only in 'record'/'predict_record', not {self.mode!r}"
+            )
+        return self._session.recorded_routes()
+
+    @property
+    def routes(self) -> RouteBatch:
+        """The recorded RouteBatch of the context's single microbatch."""
+        routes = self.routes_per_microbatch
+        if len(routes) != 1:
+            raise ValueError(
+                f"{len(routes)} microbatches were recorded; use .routes_per_microbatch"
+            )
+        return routes[0]
+
+    @property
+    def layer_ids(self) -> List[int]:
+        """Global MoE-layer ids of this rank's routers, the order of every metric tensor."""
+        return self._session.layer_ids()
+
+    @property
+    def metrics(self) -> Dict[str, torch.Tensor]:
+        """Replay telemetry: name -> float64 tensor [L_local] (see METRIC_NAMES)."""
+        return self._session.metrics()
+
+
+def pr2_routers(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[PR2Router]:
+    """All PR2 routers of a model or a list of model chunks (virtual pipeline stages)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, PR2Router)]
+
+
+@contextmanager
+def routing(
+    model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+    mode: str,
+    routes: Optional[Union[RouteBatch, Sequence[RouteBatch]]] = None,
+    *,
+    ministep: int = 1,
+    layout: Optional[TokenLayout] = None,
+) -> Iterator[RoutingHandle]:
+    """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
+
+    mode: "off" (stock TopKRouter), "record" (R2: record live top-k), "predict_record" (PR2:
+    route and record with live logits + predictor offset, cache (h_old, p_old)), "replay"
+    (replay `routes`, one RouteBatch per microbatch in forward order).
+    ministep: 1-based mini-step of the rollout batch; the predictor loss joins the backward pass
+    from PR2Config.loss_start_ministep on.
+    layout: which canonical tokens this rank routes (sharded layouts; default: all of them).
+    """
+    if mode not in MODES:
+        raise ValueError(f"routing mode={mode!r}: must be one of {MODES}")
+    if not isinstance(ministep, int) or ministep < 1:
+        raise ValueError(f"routing ministep={ministep!r}: must be an integer >= 1")
+    if isinstance(routes, RouteBatch):
+        routes = [routes]
+    if mode == "replay":
+        if not routes:
+            raise ValueError("routing mode='replay' needs routes (a RouteBatch or a list of them)")
+        for i, batch in enumerate(routes):
+            if not isinstance(batch, RouteBatch):
+                raise ValueError(f"routes[{i}] is {type(batch).__name__}, expected RouteBatch")
+    elif routes is not None:
+        raise ValueError(f"routing mode={mode!r} takes no routes (only 'replay' does)")
+    routers = pr2_routers(model)
+    if not routers and mode != "off":
+        raise ValueError("the model has no PR2 routers: build its layer spec with apply_pr2()")
+    if any(r.session is not None for r in routers):
+        raise RuntimeError("routing() contexts cannot nest on the same model")
+    session = RoutingSession(mode, routers, list(routes) if routes else None, ministep, layout)
+    for router in routers:
+        router.session = session
+    try:
+        yield RoutingHandle(session)
+        # Only reached when the block did not raise: never mask the block's own error.
+        session.close()
+    finally:
+        for router in routers:
+            router.session = None

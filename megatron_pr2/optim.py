@@ -1,0 +1,37 @@
+# Optimizer wiring of the PR2 predictor: it trains at alpha x the base learning rate.
+#
+# Two equivalent routes: torch optimizers take `predictor_param_groups`; Megatron's
+# get_megatron_optimizer takes `is_predictor_param` as its scale_lr_cond with lr_mult=alpha.
+
+from typing import List, Sequence, Union
+
+import torch
+
+
+def is_predictor_param(name: str, param: torch.nn.Parameter) -> bool:
+    """True for PR2 predictor parameters (Megatron scale_lr_cond signature)."""
+    return bool(getattr(param, "pr2_predictor", False))
+
+
+def predictor_param_groups(
+    model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+    base_lr: float,
+    alpha: float,
+    weight_decay: float = 0.0,
+) -> List[dict]:
+    """Param groups: every other parameter at base_lr, predictor parameters at alpha x base_lr.
+
+    The predictor group has no weight decay: decay would pull the drift estimate back to R2.
+    """
+    if not alpha > 0:
+        raise ValueError(f"predictor_param_groups alpha={alpha!r}: must be > 0")
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    predictor, rest = [], []
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if param.requires_grad:
+                (predictor if is_predictor_param(name, param) else rest).append(param)
+    groups = [{"params": rest, "lr": base_lr, "weight_decay": weight_decay}]
+    if predictor:
+        groups.append({"params": predictor, "lr": base_lr * alpha, "weight_decay": 0.0})
+    return groups

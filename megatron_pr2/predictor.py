@@ -1,0 +1,81 @@
+# Evolution predictors of PR2 and their training objectives.
+#
+# Shapes: h [N, H] router inputs (N tokens, H hidden), logits [N, E] router logits (E experts).
+# A predictor maps h to a logit offset [N, E] that anticipates how the router's logits will drift
+# over the next policy updates; every kind starts at exactly zero, so PR2 starts as plain R2.
+
+import torch
+import torch.nn.functional as F
+
+from megatron_pr2.config import PR2Config
+
+
+class LinearPredictor(torch.nn.Module):
+    """The paper's head: offset = h W_p, W_p stored [E, H] like the router weight, zero-init."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight)
+
+
+class LowRankPredictor(torch.nn.Module):
+    """offset = (h A^T) B^T with A [r, H] random and B [E, r] zero, so the offset starts at zero."""
+
+    def __init__(self, hidden_size: int, num_experts: int, rank: int) -> None:
+        super().__init__()
+        # A fixed generator: every rank that routes the same tokens must hold the same A.
+        generator = torch.Generator().manual_seed(0x9E2)
+        down = torch.randn(rank, hidden_size, generator=generator) / hidden_size**0.5
+        self.down = torch.nn.Parameter(down)
+        self.up = torch.nn.Parameter(torch.zeros(num_experts, rank))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(hidden.to(self.down.dtype), self.down), self.up)
+
+
+class BiasPredictor(torch.nn.Module):
+    """offset = b, one learned logit shift per expert (token independent), zero-init."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(num_experts))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(*hidden.shape[:-1], self.bias.numel())
+
+
+def build_predictor(config: PR2Config, hidden_size: int, num_experts: int) -> torch.nn.Module:
+    """The predictor module selected by config.predictor; its parameters are fp32."""
+    if config.predictor == "linear":
+        return LinearPredictor(hidden_size, num_experts)
+    if config.predictor == "lowrank":
+        return LowRankPredictor(hidden_size, num_experts, config.predictor_rank)
+    assert config.predictor == "bias", config.predictor
+    return BiasPredictor(num_experts)
+
+
+def predictor_loss(
+    kind: str, live_logits: torch.Tensor, old_logits: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """Mean over tokens of the predictor objective; gradient reaches only `offset`.
+
+    kl-post:  KL(softmax(p_live) || softmax(p_old + offset))
+    delta-kl: KL(softmax(p_live - p_old) || softmax(offset))
+    l2:       mean over experts of (p_old + offset - p_live)^2
+    """
+    live = live_logits.detach().float()
+    old = old_logits.detach().float()
+    offset = offset.float()
+    if kind == "kl-post":
+        target, prediction = live, old + offset
+    elif kind == "delta-kl":
+        target, prediction = live - old, offset
+    else:
+        assert kind == "l2", kind
+        return (old + offset - live).pow(2).mean(dim=-1).mean()
+    log_target = torch.log_softmax(target, dim=-1)
+    log_prediction = torch.log_softmax(prediction, dim=-1)
+    return (log_target.exp() * (log_target - log_prediction)).sum(dim=-1).mean()

@@ -1,0 +1,235 @@
+# PR2Router: Megatron-Core's TopKRouter plus an evolution predictor and route record/replay.
+#
+# Shapes: router input [S, B, H] (S local sequence length, B micro-batch size, H hidden); logits
+# [S, B, E] reshaped to [T, E] with T = S * B tokens in sequence-major order; top_indices [T, k];
+# probs and routing_map [T, E] as in Megatron-Core.
+#
+# Modes are driven by `megatron_pr2.routing(model, mode, ...)`, which hands every router of the
+# model one RoutingSession (context.py). Without a session the router IS the stock TopKRouter:
+# forward() calls TopKRouter.forward unchanged.
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+    get_capacity,
+    topk_routing_with_score_function,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_pr2.config import PR2Config
+from megatron_pr2.predictor import build_predictor
+
+
+class _TopKOverride:
+    """Duck-typed stand-in for Megatron's RouterReplay, owned by one router call (no globals).
+
+    topk_routing_with_score_function calls get_replay_topk wherever it would run torch.topk /
+    group-limited top-k; with `target` set it returns the replayed indices and the scores gathered
+    at them (exactly what Megatron's REPLAY_FORWARD does), otherwise it computes and remembers.
+    """
+
+    def __init__(self, target: Optional[torch.Tensor]) -> None:
+        self.target = target
+        self.top_indices: Optional[torch.Tensor] = None
+
+    def get_replay_topk(
+        self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None
+    ):
+        if self.target is None:
+            values, self.top_indices = default_compute_topk(
+                scores, topk, num_groups=num_groups, group_topk=group_topk
+            )
+            return values, self.top_indices
+        self.top_indices = self.target
+        return scores.gather(1, self.target), self.target
+
+
+def global_moe_layer_id(config: TransformerConfig, layer_number: int) -> int:
+    """0-based index among MoE layers of Megatron's global 1-based `layer_number`."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        pattern = [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    else:
+        pattern = list(freq)
+    if not 1 <= layer_number <= len(pattern) or not pattern[layer_number - 1]:
+        raise ValueError(
+            f"layer_number={layer_number} is not an MoE layer of moe_layer_freq={freq}"
+        )
+    return sum(pattern[: layer_number - 1])
+
+
+def num_moe_layers(config: TransformerConfig) -> int:
+    """Number of MoE layers of the whole model (all pipeline stages)."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return len(range(0, config.num_layers, freq))
+    return sum(freq)
+
+
+class PR2Router(TopKRouter):
+    """TopKRouter with a PR2 evolution predictor; see DESIGN.md section 2 for the algorithm."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pg_collection=None,
+        pr2_config: Optional[PR2Config] = None,
+        **kwargs,
+    ) -> None:
+        if config.moe_router_fusion:
+            raise ValueError(
+                "moe_router_fusion=True is not supported with PR2: the fused top-k kernel "
+                "bypasses route replay. Set moe_router_fusion=False."
+            )
+        if config.moe_router_load_balancing_type in ("sinkhorn", "quantile_balancing"):
+            raise ValueError(
+                f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r} has "
+                "no replayable top-k; PR2 supports aux_loss, seq_aux_loss, global_aux_loss, none"
+            )
+        if config.moe_router_force_load_balancing:
+            raise ValueError(
+                "moe_router_force_load_balancing=True (random logits) cannot be replayed"
+            )
+        # kwargs carries is_mtp_layer on megatron-core >= 0.17 (MoELayer passes it there only).
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        self.pr2_config = pr2_config if pr2_config is not None else PR2Config()
+        self.predictor = build_predictor(
+            self.pr2_config, config.hidden_size, config.num_moe_experts
+        )
+        for param in self.predictor.parameters():
+            # Trained like the router weight: under sequence parallelism each TP rank sees a
+            # different token shard, so Megatron all-reduces params tagged sequence_parallel.
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+            setattr(param, "pr2_predictor", True)
+        # Set by megatron_pr2.routing(); None means stock TopKRouter behaviour.
+        self.session = None
+
+    @property
+    def moe_layer_id(self) -> int:
+        """Global 0-based MoE-layer id (the column of this layer in a canonical RouteBatch)."""
+        if self.layer_number is None:
+            raise RuntimeError("PR2Router used before MoELayer.set_layer_number()")
+        return global_moe_layer_id(self.config, self.layer_number)
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self.session is None or self.session.mode == "off":
+            return super().forward(input, padding_mask)
+        self._maintain_float32_expert_bias()
+        input = self.apply_input_jitter(input)
+        logits = self.gating(input)
+        return self.session.route(self, input, logits, padding_mask)
+
+    def predictor_offset(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Predicted logit drift h W_p for router inputs hidden [..., H], in the logits' dtype."""
+        return self.predictor(hidden)
+
+    def route(
+        self,
+        logits: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        target: Optional[torch.Tensor] = None,
+        dropped: Optional[torch.Tensor] = None,
+    ):
+        """TopKRouter.routing with the top-k (and capacity drops) optionally forced.
+
+        Mirrors TopKRouter.routing step for step, so with target=None it equals the stock router
+        and with a target it equals Megatron's own routing replay bit for bit. It differs in one
+        place: under a capacity factor, recorded drops (`dropped` [T, k]) are re-applied instead
+        of re-deciding them from live probabilities.
+
+        Returns probs [T, E], routing_map [T, E], top_indices [T, k] and the drop mask [T, k]
+        (None without a capacity factor).
+        """
+        seq_length, bsz = logits.shape[:2]
+        logits = logits.view(-1, self.config.num_moe_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+
+        override = _TopKOverride(target)
+        probs, routing_map = topk_routing_with_score_function(
+            logits,
+            self.topk,
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            num_groups=self.config.moe_router_num_groups,
+            group_topk=self.config.moe_router_group_topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            fused=False,
+            router_replay=override,
+        )
+        top_indices = override.top_indices
+
+        if self.config.moe_expert_capacity_factor is not None:
+            if dropped is None:
+                probs, routing_map = apply_router_token_dropping(
+                    probs,
+                    routing_map,
+                    router_topk=self.topk,
+                    capacity_factor=self.config.moe_expert_capacity_factor,
+                    drop_policy=self.config.moe_token_drop_policy,
+                    pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+                )
+                # With or without pad-to-capacity, a routed slot survives iff routing_map keeps it.
+                dropped = ~routing_map.gather(1, top_indices)
+            else:
+                probs, routing_map = self._apply_recorded_drops(probs, top_indices, dropped)
+
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            # The aux losses balance the LIVE router: they use its own top-k, as in Megatron.
+            routing_map_for_aux_loss, scores_for_aux_loss = compute_routing_scores_for_aux_loss(
+                logits, self.topk, self.score_function, fused=False, padding_mask=padding_mask
+            )
+            with_padding_mask = padding_mask is not None
+            probs = self._apply_aux_loss(
+                probs, scores_for_aux_loss, routing_map_for_aux_loss, with_padding_mask
+            )
+            probs = self._apply_seq_aux_loss(
+                probs,
+                scores_for_aux_loss,
+                routing_map_for_aux_loss,
+                seq_length,
+                bsz,
+                with_padding_mask=with_padding_mask,
+            )
+            probs = self._apply_global_aux_loss(
+                probs, scores_for_aux_loss, routing_map_for_aux_loss, with_padding_mask
+            )
+
+        # Expert-bias counters count the tokens the experts actually receive, i.e. the replayed
+        # (and post-drop) routing_map: aux-loss-free balancing reacts to the real load.
+        self._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        return probs, routing_map, top_indices, dropped
+
+    def _apply_recorded_drops(self, probs, top_indices, dropped):
+        """Keep exactly the recorded (token, slot) pairs; pad to capacity with zero-prob tokens."""
+        kept = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_indices, ~dropped)
+        routing_map = kept
+        if self.config.moe_pad_expert_input_to_capacity:
+            capacity = get_capacity(
+                num_tokens=probs.shape[0] * self.topk,
+                num_experts=self.config.num_moe_experts,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+            )
+            # Fill each expert up to capacity with the first tokens it does not serve; they carry
+            # probability 0, so outputs are those of the recorded kept set.
+            free = ~kept
+            rank_among_free = torch.cumsum(free.int(), dim=0)
+            need = (capacity - kept.sum(dim=0)).clamp(min=0)
+            routing_map = kept | (free & (rank_among_free <= need))
+        return probs * kept, routing_map
+
+    def attach_predictor_loss(self, probs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Add `loss` to the backward pass through probs, as Megatron attaches its aux losses."""
+        return MoEAuxLossAutoScaler.apply(probs, loss * self.pr2_config.loss_coeff)
+
+    def attach_zero_predictor_grad(self, probs: torch.Tensor) -> torch.Tensor:
+        """Give the predictor an exact-zero gradient, so its grad buckets fill on every step."""
+        zero = sum(p.sum() for p in self.predictor.parameters()) * 0.0
+        return MoEAuxLossAutoScaler.apply(probs, zero)
