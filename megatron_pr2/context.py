@@ -19,6 +19,7 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 
 from megatron_pr2.config import stride_for
 from megatron_pr2.predictor import predictor_loss
+from megatron_pr2.profiling import pr2_range
 from megatron_pr2.router import PR2Router, _TopKOverride, num_moe_layers
 from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 
@@ -207,13 +208,12 @@ class RoutingSession:
             microbatch = state.forward_calls
             state.forward_calls += 1
         layout = self._layout_for(microbatch, hidden)
+        args = (router, state, microbatch, layout, hidden, logits, padding_mask, recompute)
         if self.mode == "replay":
-            return self._replay(
-                router, state, microbatch, layout, hidden, logits, padding_mask, recompute
-            )
-        return self._record(
-            router, state, microbatch, layout, hidden, logits, padding_mask, recompute
-        )
+            with pr2_range("replay"):
+                return self._replay(*args)
+        with pr2_range("record"):
+            return self._record(*args)
 
     def _record(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
         effective = logits

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_pr2.config import PR2Config
 from megatron_pr2.predictor import build_predictor
+from megatron_pr2.profiling import pr2_range
 
 
 class _TopKOverride:
@@ -126,7 +127,8 @@ class PR2Router(TopKRouter):
 
     def predictor_offset(self, hidden: torch.Tensor) -> torch.Tensor:
         """Predicted logit drift h W_p for router inputs hidden [..., H], in the logits' dtype."""
-        return self.predictor(hidden)
+        with pr2_range("predictor"):
+            return self.predictor(hidden)
 
     def route(
         self,
