@@ -1,0 +1,157 @@
+# RouteBatch: bit-packing is lossless and compact, bad input fails loudly.
+#
+# indices [T, L, k] with -1 for missing tokens; dropped [T, L, k] bool.
+
+import math
+
+import pytest
+import torch
+
+from megatron_pr2.routes import (
+    PredictorCache,
+    RouteBatch,
+    bits_for,
+    narrowest_int_dtype,
+    pack_bits,
+    unpack_bits,
+)
+
+EXPERTS = [2, 3, 8, 64, 128, 256, 1000]
+TOPK = [1, 2, 8]
+
+
+def random_routes(T: int, L: int, k: int, E: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct experts per (token, layer) when k <= E (as a router produces), else any ids."""
+    if k <= E:
+        return torch.rand(T, L, E, generator=gen).argsort(dim=-1)[..., :k]
+    return torch.randint(0, E, (T, L, k), generator=gen)
+
+
+@pytest.mark.parametrize("E", EXPERTS)
+@pytest.mark.parametrize("k", TOPK)
+def test_pack_lossless_with_missing_and_dropped(E: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(E * 31 + k)
+    T, L = 37, 3  # odd sizes: bit streams do not end on a byte boundary
+    indices = random_routes(T, L, k, E, gen)
+    # extreme ids must survive packing
+    indices[0, 0, 0] = E - 1
+    indices[1, 0, -1] = 0
+    missing = torch.rand(T, L, generator=gen) < 0.2
+    missing[2, 1] = True
+    indices = indices.masked_fill(missing.unsqueeze(-1), -1)
+    dropped = (torch.rand(T, L, k, generator=gen) < 0.3) & ~missing.unsqueeze(-1)
+    routes = RouteBatch(indices, E, dropped=dropped)
+
+    assert routes.shape == (T, L, k)
+    assert torch.equal(routes.indices, indices.to(torch.int64))
+    assert torch.equal(routes.missing, missing)
+    assert torch.equal(routes.dropped, dropped)
+    # no masks present -> None, not an all-False tensor
+    clean = RouteBatch(indices.clamp(min=0), E)
+    assert clean.missing is None and clean.dropped is None
+    assert torch.equal(clean.indices, indices.clamp(min=0).to(torch.int64))
+    compact = clean.compact_indices
+    assert compact.dtype == narrowest_int_dtype(E)
+    assert torch.equal(compact.to(torch.int64), indices.clamp(min=0).to(torch.int64))
+
+
+@pytest.mark.parametrize("E", EXPERTS)
+@pytest.mark.parametrize("k", TOPK)
+def test_nbytes_bound(E: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(E + k)
+    T, L = 64, 4
+    indices = random_routes(T, L, k, E, gen)
+    routes = RouteBatch(indices, E)
+    per_token_layer = k * math.ceil(math.log2(E)) / 8 if E > 1 else k / 8
+    assert routes.nbytes <= T * L * per_token_layer + 1
+    assert routes.nbytes == math.ceil(T * L * k * bits_for(E) / 8)
+    # masks cost one bit per (token, layer) (missing) and per slot (dropped)
+    indices[5] = -1
+    masked = RouteBatch(indices, E, dropped=torch.zeros(T, L, k, dtype=torch.bool))
+    assert (
+        masked.nbytes
+        <= T * L * per_token_layer + math.ceil(T * L / 8) + math.ceil(T * L * k / 8) + 3
+    )
+    # the promised compactness: top-8 of 128 experts in 7 bytes per token and layer
+    if (E, k) == (128, 8):
+        assert routes.nbytes == 7 * T * L
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 7, 8, 10, 13])
+def test_pack_bits_roundtrip(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    for count in (0, 1, 5, 8, 9, 100):
+        values = torch.randint(0, 2**bits, (count,), generator=gen)
+        packed = pack_bits(values, bits)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == math.ceil(count * bits / 8)
+        assert torch.equal(unpack_bits(packed, bits, count), values)
+
+
+def test_dtypes_accepted() -> None:
+    base = torch.tensor([[[3, 1]], [[0, 2]]])
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        routes = RouteBatch(base.to(dtype), 4)
+        assert torch.equal(routes.indices, base)
+
+
+def test_sharded_metadata_and_lookup() -> None:
+    indices = torch.arange(12).view(6, 1, 2) % 5
+    routes = RouteBatch(
+        indices,
+        5,
+        token_index=torch.tensor([10, 3, 7, 0, 1, 2]),
+        layer_index=torch.tensor([4]),
+        num_tokens=12,
+        seq_length=6,
+    )
+    assert torch.equal(routes.rows_for(torch.tensor([0, 10, 7])), torch.tensor([3, 0, 2]))
+    assert torch.equal(routes.columns_for(torch.tensor([4])), torch.tensor([0]))
+    with pytest.raises(ValueError, match="does not hold every token"):
+        routes.rows_for(torch.tensor([5]))
+    with pytest.raises(ValueError, match="no route for MoE layers"):
+        routes.columns_for(torch.tensor([0]))
+    canonical = RouteBatch(indices, 5)
+    with pytest.raises(ValueError, match="holds tokens 0..5"):
+        canonical.rows_for(torch.tensor([6]))
+    with pytest.raises(ValueError, match="holds 1 MoE layers"):
+        canonical.columns_for(torch.tensor([1]))
+
+
+def test_cache_select() -> None:
+    cache = PredictorCache(torch.tensor([1, 4, 6]), torch.randn(3, 2, 5), torch.randn(3, 2, 8))
+    sub = cache.select_tokens(torch.tensor([True, False, True])).select_layers(torch.tensor([1]))
+    assert torch.equal(sub.token_index, torch.tensor([1, 6]))
+    assert torch.equal(sub.hidden, cache.hidden[[0, 2]][:, [1]])
+    assert torch.equal(sub.logits, cache.logits[[0, 2]][:, [1]])
+
+
+def test_bad_input_errors() -> None:
+    good = torch.zeros(4, 2, 2, dtype=torch.int64)
+    good[..., 1] = 1
+    with pytest.raises(ValueError, match=r"\[tokens, moe_layers, k\]"):
+        RouteBatch(torch.zeros(4, 2, dtype=torch.int64), 8)
+    with pytest.raises(ValueError, match="integer tensor"):
+        RouteBatch(good.float(), 8)
+    with pytest.raises(ValueError, match="integer tensor"):
+        RouteBatch(good.bool(), 8)
+    with pytest.raises(ValueError, match="num_experts=0"):
+        RouteBatch(good, 0)
+    bad = good.clone()
+    bad[1, 1, 0] = 8
+    with pytest.raises(ValueError, match="expert id 8 out of range for num_experts=8"):
+        RouteBatch(bad, 8)
+    partial = good.clone()
+    partial[2, 0, 0] = -1
+    with pytest.raises(ValueError, match="fully missing"):
+        RouteBatch(partial, 8)
+    with pytest.raises(ValueError, match="dropped shape"):
+        RouteBatch(good, 8, dropped=torch.zeros(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_index shape"):
+        RouteBatch(good, 8, token_index=torch.arange(3))
+    with pytest.raises(ValueError, match="layer_index shape"):
+        RouteBatch(good, 8, layer_index=torch.arange(3))
+    with pytest.raises(ValueError, match="missing tokens"):
+        missing = good.clone()
+        missing[0] = -1
+        RouteBatch(missing, 8).compact_indices
