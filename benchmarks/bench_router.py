@@ -1,0 +1,512 @@
+# PR2 router overhead next to Megatron-Core's stock TopKRouter and its own routing replay.
+#
+# One process builds, per shape, Megatron-Core MoELayers that differ ONLY in the router (they
+# share one expert module, one input and identical router weights):
+#   stock            TopKRouter (Megatron's default)
+#   megatron_record  TopKRouter with moe_enable_routing_replay, RouterReplayAction.RECORD
+#   megatron_replay  same router, REPLAY_FORWARD of indices recorded on the same input
+#   pr2_off          PR2Router outside any routing() context (must equal stock)
+#   pr2_record       routing(..., "record") + packing the RouteBatch (handle.routes)
+#   pr2_predict_record  routing(..., "predict_record") + RouteBatch with predictor cache
+#   pr2_replay       routing(..., "replay", R2 routes, ministep=1): PR2 as plain R2
+#   pr2_replay_cache_m1 replay of PR2 routes WITH a predictor cache at ministep 1 (no loss)
+#   pr2_replay_ploss replay of PR2 routes with cache at ministep 2 (kl-post predictor loss)
+#   ...+tel          the replay variants with PR2Config.telemetry=True (the default config)
+# and times, interleaved round-robin across variants (warm-up excluded):
+#   layer      MoELayer forward + backward
+#   router     router forward + backward alone (where PR2 adds its work)
+#   layer_fwd  MoELayer forward under no_grad (the old-policy / record pass of RL)
+#
+# Shapes: hidden states [S, B, H] (sequence-major, Megatron convention); router tokens T = S * B;
+# probs [T, E]. fp32 on CPU, bf16 params with an fp32 router on CUDA (--dtype to override).
+#
+# Usage:  python -m benchmarks.bench_router [--shapes small|large|micro] [--device cpu|cuda]
+#         [--repeats N] [--warmup N] [--json PATH] [--profile VARIANT,...]
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `megatron_pr2` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Stats, Timer, init_single_process, paired_ratio, run_interleaved
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One MoE layer shape."""
+
+    hidden: int
+    """Hidden size H (router input width)."""
+    experts: int
+    """Number of routed experts E."""
+    topk: int
+    """Experts per token k."""
+    tokens: int
+    """Router tokens T = seq_length * micro_batch."""
+    ffn: int
+    """moe_ffn_hidden_size of each (SwiGLU) expert."""
+    micro_batch: int = 1
+    """Sequences per microbatch B (seq_length = tokens / B)."""
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens // self.micro_batch
+
+    @property
+    def name(self) -> str:
+        return f"h{self.hidden}-e{self.experts}-k{self.topk}-t{self.tokens}"
+
+
+SHAPES: Dict[str, List[Shape]] = {
+    # Seconds in total: for the smoke test only.
+    "micro": [Shape(hidden=64, experts=8, topk=2, tokens=128, ffn=64)],
+    "small": [
+        Shape(hidden=256, experts=8, topk=2, tokens=2048, ffn=512),
+        Shape(hidden=512, experts=32, topk=4, tokens=2048, ffn=512),
+    ],
+    # The second is one Qwen3-30B-A3B MoE layer (hidden 2048, 128 experts, top-8, ffn 768).
+    "large": [
+        Shape(hidden=1024, experts=64, topk=8, tokens=4096, ffn=512),
+        Shape(hidden=2048, experts=128, topk=8, tokens=4096, ffn=768),
+    ],
+}
+
+ALL_VARIANTS = (
+    "stock",
+    "megatron_record",
+    "megatron_replay",
+    "pr2_off",
+    "pr2_record",
+    "pr2_predict_record",
+    "pr2_replay",
+    "pr2_replay+tel",
+    "pr2_replay_cache_m1",
+    "pr2_replay_cache_m1+tel",
+    "pr2_replay_ploss",
+    "pr2_replay_ploss+tel",
+)
+
+# (name, numerator, denominator, target or None): targets from the benchmarks issue.
+RATIOS = (
+    ("predict_record / stock", "pr2_predict_record", "stock", 1.05),
+    ("replay+ploss / stock", "pr2_replay_ploss", "stock", 1.05),
+    ("replay+ploss+tel / stock", "pr2_replay_ploss+tel", "stock", None),
+    ("pr2 replay / megatron replay", "pr2_replay", "megatron_replay", 1.0),
+    ("pr2 replay+tel / megatron replay", "pr2_replay+tel", "megatron_replay", None),
+    ("pr2 record / megatron record", "pr2_record", "megatron_record", None),
+    ("megatron replay / stock", "megatron_replay", "stock", None),
+    ("pr2 replay / stock", "pr2_replay", "stock", None),
+    ("replay cache m1 / pr2 replay", "pr2_replay_cache_m1", "pr2_replay", None),
+    ("pr2_off / stock", "pr2_off", "stock", None),
+)
+
+PARTS = ("layer", "router", "layer_fwd")
+
+
+def make_config(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str, **overrides):
+    """TransformerConfig of one MoE layer (SwiGLU experts, aux loss on, no dropout)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    fields = dict(
+        num_layers=1,
+        hidden_size=shape.hidden,
+        ffn_hidden_size=4 * shape.hidden,
+        num_attention_heads=max(1, shape.hidden // 64),
+        num_moe_experts=shape.experts,
+        moe_router_topk=shape.topk,
+        moe_ffn_hidden_size=shape.ffn,
+        moe_token_dispatcher_type=dispatcher,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-3,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        moe_router_dtype="fp32" if half else None,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def moe_spec(num_experts: int, spec: str):
+    """Megatron's MoE-layer spec: "local" (SequentialMLP) or "te" (TEGroupedMLP, GPU + TE)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if spec == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=num_experts).submodules.mlp
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        num_experts=num_experts, moe_grouped_gemm=True
+    ).submodules.mlp
+
+
+def build_layer(spec, config):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
+    layer.set_layer_number(1)
+    layer.train()
+    return layer
+
+
+class Bench:
+    """The layers of one shape and the timed callables of every variant."""
+
+    def __init__(self, shape: Shape, args: argparse.Namespace) -> None:
+        from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+        from megatron_pr2 import PR2Config, apply_pr2, routing
+
+        self.shape = shape
+        self.args = args
+        self.routing = routing
+        self.Action = RouterReplayAction
+        dtype = args.torch_dtype
+        device = torch.device(args.device)
+        config = make_config(shape, args.device, dtype, args.dispatcher)
+        spec = moe_spec(shape.experts, args.spec)
+        # RouterReplay keeps a process-global list of instances: start from an empty one.
+        RouterReplay.clear_global_router_replay_instances()
+
+        self.layers = {"stock": build_layer(spec, config)}
+        replay_config = dataclasses.replace(config, moe_enable_routing_replay=True)
+        self.layers["megatron"] = build_layer(spec, replay_config)
+        self.replay = self.layers["megatron"].router.router_replay
+        # The benchmark drives this one instance directly; keep the global list empty.
+        RouterReplay.clear_global_router_replay_instances()
+        cache_tokens = max(1, shape.seq_length // args.cache_fraction)
+        self.pr2_configs = {}
+        for telemetry in (False, True):
+            pr2_config = PR2Config(telemetry=telemetry, cache_tokens_per_sequence=cache_tokens)
+            key = "pr2+tel" if telemetry else "pr2"
+            self.layers[key] = build_layer(apply_pr2(spec, pr2_config), config)
+            self.pr2_configs[key] = pr2_config
+
+        # Same experts, same router weights: variants differ only in the routing decision path.
+        stock = self.layers["stock"]
+        for name, layer in self.layers.items():
+            if layer is not stock:
+                layer.experts = stock.experts
+                layer.router.weight.data.copy_(stock.router.weight.data)
+
+        generator = torch.Generator().manual_seed(args.seed)
+        S, B, H = shape.seq_length, shape.micro_batch, shape.hidden
+
+        def randn(*size):
+            return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
+
+        self.x = randn(S, B, H).requires_grad_(True)
+        self.grad_out = randn(S, B, H)
+        self.grad_probs = randn(S * B, shape.experts).float()
+        if dtype != torch.float32 and config.moe_router_dtype is None:
+            self.grad_probs = self.grad_probs.to(dtype)
+
+        # Routes to replay, recorded once on the same input (the old-policy pass: no_grad).
+        with torch.no_grad():
+            self.replay.set_router_replay_action(RouterReplayAction.RECORD)
+            self.layers["megatron"](self.x)
+            self.megatron_indices = self.replay.get_recorded_indices().clone()
+            self.replay.clear_indices()
+            with routing(self.layers["pr2"], "record") as handle:
+                self.layers["pr2"](self.x)
+            self.r2_routes = handle.routes
+            with routing(self.layers["pr2"], "predict_record") as handle:
+                self.layers["pr2"](self.x)
+            self.pr2_routes = handle.routes
+        assert self.pr2_routes.cache is not None, "predict_record produced no predictor cache"
+        # Zero predictor + same weights: every router picks the same experts.
+        same = torch.equal(
+            self.r2_routes.indices[:, 0].sort(-1).values,
+            self.pr2_routes.indices[:, 0].sort(-1).values,
+        )
+        assert same, "PR2 record and predict_record (zero predictor) disagree"
+        self.cached_tokens = int(self.pr2_routes.cache.token_index.numel())
+
+    # -- one variant = (layer, context factory, post-processing of the handle) ---------------
+    def _megatron_context(self, action):
+        replay = self.replay
+
+        @contextlib.contextmanager
+        def context():
+            replay.clear_indices()
+            if action == self.Action.REPLAY_FORWARD:
+                replay.set_target_indices(self.megatron_indices)
+            replay.set_router_replay_action(action)
+            try:
+                yield None
+            finally:
+                replay.clear_router_replay_action()
+
+        return context
+
+    def _pr2_context(self, layer, mode, routes=None, ministep=1):
+        routing = self.routing
+
+        def context():
+            if routes is None:
+                return routing(layer, mode, ministep=ministep)
+            return routing(layer, mode, routes, ministep=ministep)
+
+        return context
+
+    def variant(self, name: str):
+        """(layer, context factory, post(handle)) of a variant name from ALL_VARIANTS."""
+        key = "pr2+tel" if name.endswith("+tel") else "pr2"
+        base = name.removesuffix("+tel")
+        pr2 = self.layers[key]
+        pack = lambda handle: handle.routes  # noqa: E731 - the record pass must yield routes
+        none = lambda handle: None  # noqa: E731
+        table = {
+            "stock": (self.layers["stock"], contextlib.nullcontext, none),
+            "megatron_record": (
+                self.layers["megatron"],
+                self._megatron_context(self.Action.RECORD),
+                none,
+            ),
+            "megatron_replay": (
+                self.layers["megatron"],
+                self._megatron_context(self.Action.REPLAY_FORWARD),
+                none,
+            ),
+            "pr2_off": (pr2, contextlib.nullcontext, none),
+            "pr2_record": (pr2, self._pr2_context(pr2, "record"), pack),
+            "pr2_predict_record": (pr2, self._pr2_context(pr2, "predict_record"), pack),
+            "pr2_replay": (pr2, self._pr2_context(pr2, "replay", self.r2_routes, 1), none),
+            "pr2_replay_cache_m1": (
+                pr2,
+                self._pr2_context(pr2, "replay", self.pr2_routes, 1),
+                none,
+            ),
+            "pr2_replay_ploss": (
+                pr2,
+                self._pr2_context(pr2, "replay", self.pr2_routes, 2),
+                none,
+            ),
+        }
+        if base not in table:
+            raise ValueError(f"--variants: unknown variant {name!r}; known: {ALL_VARIANTS}")
+        return table[base]
+
+    def job(self, name: str, part: str) -> Callable[[], None]:
+        layer, context, post = self.variant(name)
+        x, grad_out, grad_probs = self.x, self.grad_out, self.grad_probs
+
+        if part == "layer":
+
+            def run():
+                with context() as handle:
+                    out, _ = layer(x)
+                    out.backward(grad_out)
+                    post(handle)
+
+        elif part == "router":
+
+            def run():
+                with context() as handle:
+                    probs, _ = layer.router(x)
+                    probs.backward(grad_probs.to(probs.dtype))
+                    post(handle)
+
+        elif part == "layer_fwd":
+
+            def run():
+                with torch.no_grad(), context() as handle:
+                    layer(x)
+                    post(handle)
+
+        else:
+            raise ValueError(f"--parts: unknown part {part!r}; known: {PARTS}")
+        return run
+
+    def zero_grads(self) -> None:
+        for layer in self.layers.values():
+            for param in layer.parameters():
+                param.grad = None
+                if hasattr(param, "main_grad"):
+                    param.main_grad = None
+        self.x.grad = None
+
+
+def summarize(times: Dict[str, List[float]], variants: List[str]) -> Dict[str, dict]:
+    out = {"times_ms": {v: Stats.of(times[v]).as_dict() for v in variants}, "ratios": {}}
+    for label, num, den, target in RATIOS:
+        if num in times and den in times:
+            stats = paired_ratio(times, num, den)
+            out["ratios"][label] = dict(stats.as_dict(), target=target)
+    return out
+
+
+def print_part(shape_name: str, part: str, summary: dict) -> None:
+    print(f"\n[{shape_name}] {part}: ms per call, median [q1, q3] (min-max)")
+    stock = summary["times_ms"].get("stock", {}).get("median")
+    for name, s in summary["times_ms"].items():
+        rel = f"  x{s['median'] / stock:.3f} stock" if stock else ""
+        print(
+            f"  {name:26s} {s['median']:10.3f} [{s['q1']:.3f}, {s['q3']:.3f}] "
+            f"({s['min']:.3f}-{s['max']:.3f}){rel}"
+        )
+    print(f"[{shape_name}] {part}: paired per-round ratios, median [q1, q3]")
+    for label, r in summary["ratios"].items():
+        verdict = ""
+        if r["target"] is not None:
+            verdict = "  ok" if r["median"] <= r["target"] else f"  MISS (target <= {r['target']})"
+            verdict = f"  target {r['target']:.2f}:{verdict.split(':')[-1]}"
+        print(f"  {label:34s} {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}]{verdict}")
+
+
+def profile(bench: Bench, names: List[str], part: str, iterations: int, rows: int) -> None:
+    """torch.profiler table (self time) of a few iterations per variant: where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if bench.args.device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    for name in names:
+        run = bench.job(name, part)
+        run()
+        bench.zero_grads()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(iterations):
+                run()
+                bench.zero_grads()
+        print(f"\n[profile {bench.shape.name}] {name} / {part}, {iterations} iterations")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__ or "PR2 router benchmark")
+    parser.add_argument("--shapes", default="small", help=f"one of {sorted(SHAPES)}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--dtype", default=None, choices=("fp32", "bf16"), help="cpu: fp32, cuda: bf16"
+    )
+    parser.add_argument("--dispatcher", default="alltoall", choices=("alltoall", "allgather"))
+    parser.add_argument(
+        "--spec", default="local", choices=("local", "te"), help="te: TEGroupedMLP (GPU+TE)"
+    )
+    parser.add_argument("--parts", default="layer,router", help=f"comma list of {PARTS}")
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (layer)")
+    parser.add_argument("--router-repeats", type=int, default=None, help="timed rounds (router)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--cache-fraction",
+        type=int,
+        default=8,
+        help="predictor cache keeps seq_length / N tokens per sequence (paper: 2K of 16K = 8)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="CPU timer: wall (perf_counter) or cpu (process CPU time, for a loaded machine)",
+    )
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    parser.add_argument("--profile", default="", help="comma list of variants to profile")
+    parser.add_argument("--profile-part", default="router", choices=PARTS)
+    parser.add_argument("--profile-iterations", type=int, default=5)
+    parser.add_argument("--profile-rows", type=int, default=25)
+    args = parser.parse_args(argv)
+    if args.shapes not in SHAPES:
+        raise ValueError(f"--shapes={args.shapes!r}: must be one of {sorted(SHAPES)}")
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    args.dtype = dtype
+    if args.repeats is None:
+        args.repeats = {"micro": 3, "small": 15, "large": 7}[args.shapes]
+        if args.device == "cuda":
+            args.repeats = 50
+    if args.router_repeats is None:
+        args.router_repeats = 3 * args.repeats
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    init_single_process(args.device, args.seed)
+    import megatron.core
+
+    variants = [v for v in args.variants.split(",") if v]
+    parts = [p for p in args.parts.split(",") if p]
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"--parts: unknown part {part!r}; known: {PARTS}")
+    machine = dict(
+        device=args.device,
+        gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+        cpu=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        megatron_core=megatron.core.__version__,
+        python=platform.python_version(),
+    )
+    print(f"machine: {machine}")
+    print(
+        f"settings: dtype={args.dtype} dispatcher={args.dispatcher} spec={args.spec} "
+        f"clock={'cuda-events' if args.device == 'cuda' else args.clock} "
+        f"repeats={args.repeats} router_repeats={args.router_repeats} warmup={args.warmup}"
+    )
+    results = dict(machine=machine, argv=sys.argv[1:] if argv is None else argv, shapes={})
+    timer = Timer(args.device, args.clock)
+    for shape in SHAPES[args.shapes]:
+        bench = Bench(shape, args)
+        print(
+            f"\n=== shape {shape.name}: hidden {shape.hidden}, {shape.experts} experts, top-"
+            f"{shape.topk}, {shape.tokens} tokens ([S={shape.seq_length}, B={shape.micro_batch}]),"
+            f" expert ffn {shape.ffn} (SwiGLU); predictor cache {bench.cached_tokens} tokens ==="
+        )
+        entry = dict(shape=dataclasses.asdict(shape), cached_tokens=bench.cached_tokens, parts={})
+        for part in parts:
+            jobs = {name: bench.job(name, part) for name in variants}
+            repeats = args.router_repeats if part == "router" else args.repeats
+            times = run_interleaved(jobs, timer, repeats, args.warmup, bench.zero_grads)
+            summary = summarize(times, variants)
+            summary["raw_ms"] = times
+            entry["parts"][part] = summary
+            print_part(shape.name, part, summary)
+        if args.profile:
+            names = [v for v in args.profile.split(",") if v]
+            profile(bench, names, args.profile_part, args.profile_iterations, args.profile_rows)
+        results["shapes"][shape.name] = entry
+        del bench
+        gc.collect()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
