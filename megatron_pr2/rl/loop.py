@@ -1,0 +1,491 @@
+# The RL loop: rollout on a bf16 inference-engine copy, old-policy pass, N GRPO mini-steps with
+# routing replay in one of five modes, metrics, checkpoint / resume.
+#
+# Shapes (per data-parallel rank): B = prompts_per_step * group_size sequences of S tokens;
+# per-token arrays over targets [B, S - 1] (see rollout.py). The rollout batch is shuffled and
+# split into N mini-batches (one optimizer step each, mini-step i = 1..N); each mini-batch is
+# split into microbatches of `micro_batch_size` sequences. Routes are bound to microbatches:
+# the engine scoring pass, the old-policy pass and the mini-steps all run the same microbatches
+# in the same order, so routes_per_microbatch[j] always belongs to microbatch j.
+#
+# Modes (who records the route, who replays it):
+#   none    stock routing everywhere (routes are recorded only to measure drift)
+#   r2      old-policy pass records top-k; every mini-step replays it
+#   pr2     old-policy pass records with the predictor (predict_record); mini-steps replay, the
+#           predictor trains from mini-step PR2Config.loss_start_ministep on
+#   r3      the engine records while scoring the rollout; old pass and mini-steps replay it
+#   pr2-r3  the engine records with its (synced) predictor; old pass and mini-steps replay
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
+from megatron_pr2.compat import clear_aux_losses_tracker
+from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
+from megatron_pr2.rl.metrics import MetricsWriter, StepMetrics
+from megatron_pr2.rl.model import (
+    ModelConfig,
+    build_gpt_model,
+    clip_gradients,
+    copy_weights,
+    default_device,
+    reduce_gradients,
+)
+from megatron_pr2.rl.rollout import generate, response_mask_of, score
+from megatron_pr2.rl.sft import prompt_tokens
+from megatron_pr2.rl.task import ArithmeticTask, exact_match
+from megatron_pr2.rl.tokenizer import TaskTokenizer
+
+MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
+
+# routing() mode of (engine scoring pass, trainer old-policy pass, training mini-steps).
+_MODE_PLAN = {
+    "none": ("record", "record", "record"),
+    "r2": ("record", "record", "replay"),
+    "pr2": ("record", "predict_record", "replay"),
+    "r3": ("record", "replay", "replay"),
+    "pr2-r3": ("predict_record", "replay", "replay"),
+}
+
+
+@dataclasses.dataclass
+class RLConfig:
+    """One RL run (all sizes per data-parallel rank)."""
+
+    mode: str = "pr2"
+    """Routing mode: 'none', 'r2', 'r3', 'pr2' (PR2 on R2) or 'pr2-r3' (PR2 on R3)."""
+    seed: int = 0
+    """Seed of the prompt stream and of sampling; runs with equal seeds see the same prompts."""
+    steps: int = 30
+    """Rollout batches (= outer RL steps)."""
+    prompts_per_step: int = 16
+    """Distinct prompts per rollout batch."""
+    group_size: int = 8
+    """Samples per prompt (GRPO group)."""
+    num_ministeps: int = 4
+    """N: optimizer steps per rollout batch; the batch is split into N mini-batches."""
+    micro_batch_size: int = 0
+    """Sequences per microbatch (gradient accumulation inside a mini-step); 0 = whole mini-batch."""
+    lr: float = 1e-4
+    """Base AdamW learning rate (predictor: lr * pr2.alpha)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of non-predictor parameters."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout."""
+    engine_dtype: str = "bf16"
+    """Parameter dtype of the inference-engine copy: 'bf16' (real train-inference mismatch) or
+    'fp32' (same numerics as the trainer)."""
+    policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    """Clipped objective (token-level PPO/GRPO or sequence-level GSPO)."""
+    pr2: PR2Config = dataclasses.field(default_factory=PR2Config)
+    """Predictor settings (used by every mode's model; only pr2 modes train the predictor)."""
+    checkpoint_interval: int = 0
+    """Save a checkpoint every this many steps (0: only at the end of train())."""
+    eval_problems: int = 0
+    """Greedy-decoding exact-match evaluation on this many fixed held-out problems after the
+    run (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"RLConfig.mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("steps", "prompts_per_step", "group_size", "num_ministeps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        batch = self.prompts_per_step * self.group_size
+        if batch % self.num_ministeps:
+            raise ValueError(
+                f"RLConfig.num_ministeps={self.num_ministeps} must divide the rollout batch "
+                f"prompts_per_step * group_size = {batch}"
+            )
+        mini = batch // self.num_ministeps
+        if self.micro_batch_size < 0 or (self.micro_batch_size and mini % self.micro_batch_size):
+            raise ValueError(
+                f"RLConfig.micro_batch_size={self.micro_batch_size} must be 0 or divide the "
+                f"mini-batch size {mini}"
+            )
+        if self.engine_dtype not in ("bf16", "fp32"):
+            raise ValueError(
+                f"RLConfig.engine_dtype must be 'bf16' or 'fp32', got {self.engine_dtype!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
+
+
+def derive_seed(*parts) -> int:
+    """Stable 63-bit seed from any parts (seed, step, rank, purpose): independent streams whose
+    values depend only on these parts, so a resumed run draws exactly what it would have."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def topk_overlap_per_layer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean |a ∩ b| / k per layer for routes a, b [T, L, k] -> [L] float64."""
+    shared = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
+    return shared.double().mean(dim=0) / a.size(-1)
+
+
+def _dp_group():
+    return parallel_state.get_data_parallel_group()
+
+
+def _dp_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
+
+
+class RLTrainer:
+    """Trainer policy (fp32) + inference engine copy + optimizer for one RL run."""
+
+    def __init__(
+        self,
+        cfg: RLConfig,
+        model_cfg: ModelConfig,
+        task: ArithmeticTask,
+        tokenizer: TaskTokenizer,
+        run_dir: str,
+        init_state: Optional[dict] = None,
+        log: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.cfg, self.model_cfg, self.task, self.tokenizer = cfg, model_cfg, task, tokenizer
+        self.run_dir = run_dir
+        self.log = log or (lambda msg: None)
+        self.device = default_device()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.prompt_length = 1 + task.config.prompt_chars  # BOS + one piece per character
+        self.max_new_tokens = task.config.max_answer_chars + 1  # answer + EOS
+        self.seq_length = self.prompt_length + self.max_new_tokens
+        if self.seq_length > model_cfg.max_sequence_length:
+            raise ValueError(
+                f"ModelConfig.max_sequence_length={model_cfg.max_sequence_length} < "
+                f"sequence length {self.seq_length} of the task"
+            )
+        vocab = tokenizer.padded_vocab_size()
+        self.model = build_gpt_model(model_cfg, vocab, cfg.pr2, torch.float32, seed=cfg.seed)
+        engine_dtype = torch.bfloat16 if cfg.engine_dtype == "bf16" else torch.float32
+        self.engine = build_gpt_model(model_cfg, vocab, cfg.pr2, engine_dtype, seed=cfg.seed)
+        if init_state is not None:
+            self.model.load_state_dict(init_state, strict=True)
+        self.model.train()
+        self.engine.eval()
+        self.optimizer = torch.optim.AdamW(
+            predictor_param_groups(self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+        )
+        self.step_index = 0
+
+    # -- one rollout batch -------------------------------------------------------------------
+    def _microbatches(self, perm: torch.Tensor) -> List[List[torch.Tensor]]:
+        """minibatches[i][j] = sequence indices of microbatch j of mini-step i + 1."""
+        cfg = self.cfg
+        mini = perm.numel() // cfg.num_ministeps
+        micro = cfg.micro_batch_size or mini
+        return [
+            list(perm[i * mini : (i + 1) * mini].split(micro)) for i in range(cfg.num_ministeps)
+        ]
+
+    def step(self) -> Dict[str, float]:
+        """Run one rollout batch and its N mini-steps; returns the step's global metrics."""
+        cfg, tok = self.cfg, self.tokenizer
+        step, dp_rank = self.step_index, _dp_rank()
+        engine_mode, old_mode, train_mode = _MODE_PLAN[cfg.mode]
+        metrics = StepMetrics()
+        clear_aux_losses_tracker()
+        t_start = time.time()
+
+        # 1. Weight sync trainer -> engine (carries the PR2 predictor for pr2-r3).
+        copy_weights(self.model, self.engine)
+
+        # 2. Rollout on the engine.
+        problems = self.task.sample(
+            random.Random(derive_seed(cfg.seed, step, dp_rank, "prompts")), cfg.prompts_per_step
+        )
+        problems = [p for p in problems for _ in range(cfg.group_size)]
+        prompts = prompt_tokens(tok, problems).to(self.device)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, dp_rank, "sample"))
+        with torch.no_grad():
+            sequences = generate(
+                self.engine,
+                prompts,
+                self.max_new_tokens,
+                tok.vocab_size,
+                cfg.temperature,
+                gen,
+                _dp_group(),
+            )
+        response_mask = response_mask_of(sequences, self.prompt_length)
+        completions = [tok.decode(s[self.prompt_length :].tolist()) for s in sequences.cpu()]
+        rewards = torch.tensor(self.task.rewards(problems, completions), dtype=torch.float32)
+        advantages = grpo_advantages(rewards, cfg.group_size).to(self.device)
+        metrics.add("rl/reward", float(rewards.sum()), rewards.numel())
+        em = sum(exact_match(p.answer, c) for p, c in zip(problems, completions))
+        metrics.add("rl/exact_match", em, len(problems))
+        metrics.add("rl/response_length", float(response_mask.sum()), len(problems))
+        t_rollout = time.time()
+
+        perm = torch.randperm(
+            sequences.size(0),
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, dp_rank, "perm")),
+        ).to(self.device)
+        minibatches = self._microbatches(perm)
+        flat_micro = [mb for mini in minibatches for mb in mini]
+
+        # 3. Engine scoring pass: rollout log-probs (+ routes for R3 modes).
+        rollout_lp, engine_routes = [], []
+        with torch.no_grad():
+            for idx in flat_micro:
+                with routing(self.engine, engine_mode) as h:
+                    lp, _ = score(self.engine, sequences[idx], tok.vocab_size)
+                rollout_lp.append(lp)
+                engine_routes.append(h.routes)
+
+        # 4. Old-policy pass on the trainer.
+        old_lp, old_routes = [], []
+        with torch.no_grad():
+            for j, idx in enumerate(flat_micro):
+                routes = engine_routes[j] if old_mode == "replay" else None
+                with routing(self.model, old_mode, routes) as h:
+                    lp, ent = score(self.model, sequences[idx], tok.vocab_size, with_entropy=True)
+                old_lp.append(lp)
+                mask = response_mask[idx]
+                n_tok = float(mask.sum())
+                metrics.add("rl/entropy", float((ent * mask).sum()), n_tok)
+                d = (lp - rollout_lp[j]) * mask
+                # KL(pi_rollout || pi_old) on rollout samples, k3 estimator (non-negative).
+                metrics.add(
+                    "rl/train_inference_kl", float(((torch.exp(d) - 1 - d) * mask).sum()), n_tok
+                )
+                metrics.add("rl/train_inference_abs_logprob_diff", float(d.abs().sum()), n_tok)
+                if old_mode == "replay":
+                    old_routes.append(routes)
+                    # Engine route vs the trainer's live top-k at theta_old.
+                    acc = h.metrics["route_topk_accuracy"]
+                    metrics.add_per_layer("pr2/train_inference_route_accuracy", acc)
+                    metrics.add_layers("pr2/oldpass", h.metrics)
+                else:
+                    recorded = h.routes
+                    old_routes.append(recorded)
+                    live_old = self._old_live_topk(recorded)
+                    acc = topk_overlap_per_layer(engine_routes[j].indices, live_old)
+                    metrics.add_per_layer("pr2/train_inference_route_accuracy", acc)
+
+        # 5. Mini-steps.
+        mb_offset = 0
+        for i, mini in enumerate(minibatches, start=1):
+            self.optimizer.zero_grad(set_to_none=True)
+            for idx in mini:
+                j = mb_offset
+                mb_offset += 1
+                mask = response_mask[idx]
+                if train_mode == "replay":
+                    ctx = routing(self.model, "replay", old_routes[j], ministep=i)
+                else:
+                    ctx = routing(self.model, "record")
+                with ctx as h:
+                    lp, _ = score(self.model, sequences[idx], tok.vocab_size)
+                    loss, stats = policy_loss(lp, old_lp[j], advantages[idx], mask, cfg.policy)
+                    (loss / len(mini)).backward()
+                if train_mode == "replay":
+                    metrics.add_layers("pr2", h.metrics, ministep=i)
+                else:
+                    # No replay: measure the natural drift, |TopK(p_old) ∩ TopK(p_live)| / k.
+                    live = h.routes
+                    acc = topk_overlap_per_layer(old_routes[j].indices, live.indices)
+                    metrics.add_per_layer("pr2/route_topk_accuracy", acc, ministep=i)
+                    flips = 1.0 - self._flip_free(old_routes[j], live)
+                    metrics.add_per_layer("pr2/flip_rate", flips, ministep=i)
+                metrics.add("rl/policy_loss", float(loss.detach()), 1)
+                metrics.add("rl/clip_fraction", float(stats["clipped"]), float(stats["units"]))
+                metrics.add(
+                    f"rl/clip_fraction/ministep_{i}", float(stats["clipped"]), float(stats["units"])
+                )
+                metrics.add(
+                    "rl/mean_abs_log_ratio",
+                    float(stats["abs_log_ratio_sum"]),
+                    float(stats["tokens"]),
+                )
+                metrics.add(
+                    "rl/ratio_outside_0.5_2", float(stats["outside_0.5_2"]), float(stats["tokens"])
+                )
+                metrics.add_max("rl/max_ratio", float(stats["max_ratio"]))
+            reduce_gradients(self.model)
+            grad_norm = clip_gradients(self.model, cfg.grad_clip)
+            metrics.add("rl/grad_norm", grad_norm, 1)
+            self.optimizer.step()
+        t_end = time.time()
+        metrics.add("time/step_seconds", t_end - t_start, 1)
+        metrics.add("time/rollout_seconds", t_rollout - t_start, 1)
+        metrics.add("time/train_seconds", t_end - t_rollout, 1)
+        self.step_index += 1
+        return metrics.reduce(_dp_group())
+
+    def _old_live_topk(self, recorded: RouteBatch) -> torch.Tensor:
+        """TopK(p_old) of the trainer's old pass [T, L, k]. In 'record' it is the recorded
+        route; in 'predict_record' the route includes the predictor, so take the top-k of the
+        cached p_old (every token is cached when cache_tokens_per_sequence >= seq length)."""
+        if self.cfg.mode != "pr2":
+            return recorded.indices
+        cache = recorded.cache
+        if cache is None or cache.token_index.numel() != recorded.num_tokens:
+            return recorded.indices
+        order = torch.argsort(cache.token_index)
+        logits = cache.logits[order]
+        return torch.topk(logits, recorded.topk, dim=-1).indices
+
+    @staticmethod
+    def _flip_free(a: RouteBatch, b: RouteBatch) -> torch.Tensor:
+        """Per layer: fraction of tokens whose top-k set is unchanged between two routes."""
+        ia, ib = a.indices, b.indices
+        same = (ia.unsqueeze(-1) == ib.unsqueeze(-2)).any(dim=-1).all(dim=-1)
+        return same.double().mean(dim=0)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_dir(self, step: int) -> str:
+        return os.path.join(self.run_dir, "checkpoints", f"step_{step:06d}")
+
+    def save_checkpoint(self) -> str:
+        """Policy (incl. predictor), optimizer, RNG states and step, one file per rank."""
+        path = self.checkpoint_dir(self.step_index)
+        os.makedirs(path, exist_ok=True)
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        state = {
+            "step": self.step_index,
+            "config": _jsonable(dataclasses.asdict(self.cfg)),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+                "megatron_tracker": tracker.get_states(),
+            },
+        }
+        file = os.path.join(path, f"rank{self.rank:03d}.pt")
+        torch.save(state, file + ".tmp")
+        os.replace(file + ".tmp", file)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            latest = os.path.join(self.run_dir, "checkpoints", "latest.json")
+            with open(latest + ".tmp", "w") as f:
+                json.dump({"step": self.step_index, "path": path}, f)
+            os.replace(latest + ".tmp", latest)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(
+            os.path.join(path, f"rank{self.rank:03d}.pt"),
+            map_location=self.device,
+            weights_only=False,
+        )
+        saved = state["config"]
+        now = _jsonable(dataclasses.asdict(self.cfg))
+        diff = sorted(
+            k for k in now if k not in ("steps", "checkpoint_interval") and saved.get(k) != now[k]
+        )
+        if diff:
+            raise ValueError(f"checkpoint {path} was written with different RLConfig fields {diff}")
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["megatron_tracker"])
+        self.step_index = int(state["step"])
+
+    def latest_checkpoint(self) -> Optional[str]:
+        latest = os.path.join(self.run_dir, "checkpoints", "latest.json")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            return json.load(f)["path"]
+
+    # -- driver ------------------------------------------------------------------------------
+    def train(self, resume: bool = True, progress: bool = True, stop_after: Optional[int] = None):
+        """Run until cfg.steps (resuming from the latest checkpoint when resume=True).
+
+        stop_after: stop (without the final checkpoint) once this many steps are done, to
+        emulate a killed run in tests. Returns the list of per-step metric dicts run here.
+        """
+        if resume:
+            path = self.latest_checkpoint()
+            if path is not None:
+                self.load_checkpoint(path)
+                self.log(
+                    f"[{self.cfg.mode} seed {self.cfg.seed}] resumed at step {self.step_index}"
+                )
+        writer = MetricsWriter(
+            os.path.join(self.run_dir, "tb"), enabled=self.rank == 0, resume_step=self.step_index
+        )
+        history = []
+        try:
+            while self.step_index < self.cfg.steps:
+                step = self.step_index
+                m = self.step()
+                writer.write(step, m)
+                history.append({"step": step, **m})
+                if progress:
+                    self.log(_progress_line(self.cfg, step, m))
+                if stop_after is not None and self.step_index >= stop_after:
+                    return history
+                ci = self.cfg.checkpoint_interval
+                if ci and self.step_index % ci == 0 and self.step_index < self.cfg.steps:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+        finally:
+            writer.close()
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, num_problems: int, seed: int = 10**6) -> Dict[str, float]:
+        """Greedy exact match and reward of the trainer policy on fixed held-out problems
+        (split over data-parallel ranks)."""
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), _dp_rank()
+        problems = self.task.sample(random.Random(seed), num_problems)[dp_rank::dp]
+        prompts = prompt_tokens(self.tokenizer, problems).to(self.device)
+        seqs = generate(
+            self.model,
+            prompts,
+            self.max_new_tokens,
+            self.tokenizer.vocab_size,
+            0.0,
+            torch.Generator(),
+            _dp_group(),
+        )
+        comps = [self.tokenizer.decode(s[self.prompt_length :].tolist()) for s in seqs.cpu()]
+        m = StepMetrics()
+        m.add(
+            "eval/exact_match",
+            sum(exact_match(p.answer, c) for p, c in zip(problems, comps)),
+            len(problems),
+        )
+        m.add("eval/reward", sum(self.task.rewards(problems, comps)), len(problems))
+        return m.reduce(_dp_group())
+
+
+def _progress_line(cfg: RLConfig, step: int, m: Dict[str, float]) -> str:
+    acc = m.get("pr2/route_topk_accuracy/mean", float("nan"))
+    return (
+        f"[{cfg.mode:>6} seed {cfg.seed}] step {step + 1:3d}/{cfg.steps} "
+        f"reward {m['rl/reward']:.3f} em {m['rl/exact_match']:.3f} "
+        f"clip {m['rl/clip_fraction']:.4f} |log r| {m['rl/mean_abs_log_ratio']:.4f} "
+        f"route-acc {acc:.4f} kl {m['rl/train_inference_kl']:.2e} "
+        f"{m['time/step_seconds']:.1f}s"
+    )
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,153 @@
+# Supervised warm start (SFT) of the demo policy, so RL starts from a non-trivial reward.
+#
+# Shapes: tokens [B, S] = BOS + prompt + answer + EOS, right-padded with PAD to S; loss_mask
+# [B, S - 1] is 1 on targets that belong to the answer or EOS. Prompt and answer are tokenized
+# separately (as at generation time, where the model continues the tokenized prompt).
+# The checkpoint is cached per rank in the run dir under a key of every setting it depends on,
+# so the RL comparison reuses one warm start for all modes.
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_pr2.rl.grpo import token_logprobs
+from megatron_pr2.rl.model import (
+    ModelConfig,
+    clip_gradients,
+    default_device,
+    forward_logits,
+    reduce_gradients,
+)
+from megatron_pr2.rl.rollout import policy_logits
+from megatron_pr2.rl.task import ArithmeticTask, Problem, TaskConfig
+from megatron_pr2.rl.tokenizer import BOS_ID, EOS_ID, PAD_ID, TaskTokenizer
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Supervised warm-start phase."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step per data-parallel rank."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    seed: int = 1234
+    """Seed of the SFT data stream (independent of the RL seeds)."""
+
+
+def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torch.Tensor:
+    """[B, P] BOS + prompt ids; raises if prompts do not all tokenize to the same length."""
+    rows = [[BOS_ID] + tokenizer.encode(p.prompt) for p in problems]
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"prompts tokenize to different lengths {sorted(lengths)}")
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def sft_batch(
+    tokenizer: TaskTokenizer, problems: Sequence[Problem], seq_length: int
+) -> Dict[str, torch.Tensor]:
+    prompts = prompt_tokens(tokenizer, problems)
+    p_len = prompts.size(1)
+    tokens = torch.full((len(problems), seq_length), PAD_ID, dtype=torch.int64)
+    loss_mask = torch.zeros(len(problems), seq_length - 1)
+    for i, prob in enumerate(problems):
+        answer = tokenizer.encode(prob.answer) + [EOS_ID]
+        if p_len + len(answer) > seq_length:
+            raise ValueError(f"seq_length={seq_length} too short for {prob.prompt}{prob.answer}")
+        tokens[i, :p_len] = prompts[i]
+        tokens[i, p_len : p_len + len(answer)] = torch.tensor(answer)
+        loss_mask[i, p_len - 1 : p_len - 1 + len(answer)] = 1.0
+    return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+
+
+def run_sft(
+    model: torch.nn.Module,
+    task: ArithmeticTask,
+    tokenizer: TaskTokenizer,
+    cfg: SFTConfig,
+    seq_length: int,
+    log: Optional[Callable[[str], None]] = None,
+) -> List[float]:
+    """Train `model` in place on exact answers; returns the per-step loss history."""
+    device = default_device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Different problems on each data-parallel rank; the stream is fixed by cfg.seed.
+    rng = random.Random(cfg.seed * 1000 + rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    losses = []
+    t0 = time.time()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = sft_batch(tokenizer, task.sample(rng, cfg.batch_size), seq_length)
+        tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device)
+        logits = policy_logits(forward_logits(model, tokens), tokenizer.vocab_size)[:, :-1]
+        nll = -token_logprobs(logits, tokens[:, 1:])
+        loss = (nll * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        reduce_gradients(model)
+        clip_gradients(model, cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
+            log(f"sft step {step:4d} loss {losses[-1]:.4f} ({time.time() - t0:.1f}s)")
+    return losses
+
+
+def sft_cache_key(
+    model_cfg: ModelConfig,
+    task_cfg: TaskConfig,
+    sft_cfg: SFTConfig,
+    tokenizer: TaskTokenizer,
+    layout: Dict[str, int],
+    extra: Optional[dict] = None,
+) -> str:
+    """Hash of everything the warm-start weights depend on."""
+    with open(tokenizer.model_file, "rb") as f:
+        tok_hash = hashlib.sha256(f.read()).hexdigest()
+    blob = json.dumps(
+        {
+            "model": dataclasses.asdict(model_cfg),
+            "task": dataclasses.asdict(task_cfg),
+            "sft": dataclasses.asdict(sft_cfg),
+            "tokenizer": tok_hash,
+            "layout": layout,
+            "extra": extra or {},
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def sft_checkpoint_file(run_dir: str, key: str, rank: int) -> str:
+    return os.path.join(run_dir, f"sft-{key}", f"model_rank{rank:03d}.pt")
+
+
+def save_model_atomic(model: torch.nn.Module, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
