@@ -207,6 +207,11 @@ class RoutingSession:
         else:
             microbatch = state.forward_calls
             state.forward_calls += 1
+        if self.mode == "replay" and microbatch >= len(self.routes):
+            raise RuntimeError(
+                f"MoE layer {router.moe_layer_id}: forward of microbatch {microbatch} but "
+                f"routing(..., 'replay') was given routes for {len(self.routes)} microbatches"
+            )
         layout = self._layout_for(microbatch, hidden)
         args = (router, state, microbatch, layout, hidden, logits, padding_mask, recompute)
         if self.mode == "replay":
@@ -237,11 +242,6 @@ class RoutingSession:
         return probs, routing_map
 
     def _replay(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
-        if microbatch >= len(self.routes):
-            raise RuntimeError(
-                f"MoE layer {router.moe_layer_id}: forward of microbatch {microbatch} but "
-                f"routing(..., 'replay') was given routes for {len(self.routes)} microbatches"
-            )
         local = self._local_routes(microbatch, layout, router)
         column = local.columns[router.moe_layer_id]
         target = local.indices[:, column].to(logits.device)
@@ -472,6 +472,12 @@ def routing(
     routers = pr2_routers(model)
     if not routers and mode != "off":
         raise ValueError("the model has no PR2 routers: build its layer spec with apply_pr2()")
+    layer_ids = [r.moe_layer_id for r in routers]
+    if len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(
+            f"routers share MoE-layer ids {sorted(layer_ids)}: build MoE layers inside "
+            "TransformerLayers (or call MoELayer.set_layer_number) so each has its own"
+        )
     if any(r.session is not None for r in routers):
         raise RuntimeError("routing() contexts cannot nest on the same model")
     session = RoutingSession(mode, routers, list(routes) if routes else None, ministep, layout)

@@ -112,9 +112,13 @@ class PR2Router(TopKRouter):
 
     @property
     def moe_layer_id(self) -> int:
-        """Global 0-based MoE-layer id (the column of this layer in a canonical RouteBatch)."""
+        """Global 0-based MoE-layer id (the column of this layer in a canonical RouteBatch).
+
+        A router outside a TransformerLayer (standalone MoELayer or router) has no layer number
+        yet and counts as MoE layer 0; routing() refuses models where ids collide.
+        """
         if self.layer_number is None:
-            raise RuntimeError("PR2Router used before MoELayer.set_layer_number()")
+            return 0
         return global_moe_layer_id(self.config, self.layer_number)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
