@@ -68,3 +68,23 @@ def moe_submodules_of(spec: Any) -> Optional[MoESubmodules]:
 save_to_aux_losses_tracker: Callable = moe_utils.save_to_aux_losses_tracker
 get_moe_layer_wise_logging_tracker: Callable = moe_utils.get_moe_layer_wise_logging_tracker
 clear_aux_losses_tracker: Callable = moe_utils.clear_aux_losses_tracker
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics tracker, continued (megatron_lm.report_pr2_metrics): the reduction step of
+# track_moe_metrics exists in both releases; removing entries needs the live container, the
+# tracker dict itself in 0.16 and MoEMetricsTracker.metrics in 0.19 (where
+# get_moe_layer_wise_logging_tracker returns a copy of the dict).
+# ---------------------------------------------------------------------------------------------
+reduce_aux_losses_tracker_across_ranks: Callable = moe_utils.reduce_aux_losses_tracker_across_ranks
+track_moe_metrics: Callable = moe_utils.track_moe_metrics
+
+
+def discard_moe_metrics(names) -> None:
+    """Remove the named entries from Megatron-Core's MoE metrics tracker (missing names: no-op)."""
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        live = moe_utils.get_moe_metrics_tracker().metrics
+    else:
+        live = moe_utils.get_moe_layer_wise_logging_tracker()
+    for name in names:
+        live.pop(name, None)

@@ -1,0 +1,177 @@
+# Command-line flags of PR2 for Megatron-LM scripts, and their optimizer wiring.
+#
+# `add_pr2_args` is an extra_args_provider: pass it to Megatron-LM's
+# `pretrain(..., extra_args_provider=add_pr2_args)` or `parse_args(extra_args_provider=...)`, or
+# call it on any argparse parser. One kebab-case `--pr2-<field>` flag per PR2Config field (dest
+# `pr2_<field>`, default and help taken from the dataclass), plus `--pr2-mode`, the RL routing
+# strategy (see megatron_pr2.megatron_lm.PHASE_MODES).
+#
+# `pr2_config_from_args(args)` turns parsed args into a PR2Config; user errors name the flag.
+# `megatron_optimizer_kwargs(args)` gives get_megatron_optimizer the predictor learning rate:
+# megatron-core 0.16 to 0.19 take per-parameter `config_overrides` (ParamKey -> overrides), so
+# predictor parameters (tagged `pr2_predictor`) get max_lr / min_lr = alpha x the base values.
+
+import argparse
+import dataclasses
+import re
+from typing import Any, Dict, Optional
+
+from megatron_pr2.config import (
+    LOSS_KINDS,
+    MISSING_ROUTE_POLICIES,
+    PREDICTOR_KINDS,
+    PR2Config,
+)
+
+PR2_MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
+"""RL routing strategies: none (stock routing everywhere), r2 (record in the old-policy pass,
+replay in training), r3 (record the rollout, replay in old-policy and training), pr2 (r2 with the
+predictor), pr2-r3 (r3 with the predictor)."""
+
+_CHOICES = {
+    "predictor": PREDICTOR_KINDS,
+    "loss": LOSS_KINDS,
+    "missing_route_policy": MISSING_ROUTE_POLICIES,
+}
+
+
+def flag_of(field_name: str) -> str:
+    """Command-line flag of a PR2Config field: predictor_rank -> --pr2-predictor-rank."""
+    return "--pr2-" + field_name.replace("_", "-")
+
+
+def dest_of(field_name: str) -> str:
+    """argparse dest of a PR2Config field: predictor_rank -> pr2_predictor_rank."""
+    return "pr2_" + field_name
+
+
+def _help(text: str, default: Any) -> str:
+    # argparse %-formats help strings: a literal % in a docstring must be escaped.
+    return f"{text} (default: {default!r})".replace("%", "%%")
+
+
+def add_pr2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the "PR2" argument group to `parser` and return it (Megatron extra_args_provider)."""
+    group = parser.add_argument_group(
+        title="PR2", description="Predictive Routing Replay for MoE reinforcement learning"
+    )
+    group.add_argument(
+        "--pr2-mode",
+        type=str,
+        default="none",
+        choices=PR2_MODES,
+        help=_help(
+            "RL routing strategy: none (stock routing), r2 (record the old-policy pass, replay "
+            "it in training), r3 (record the rollout, replay it in the old-policy pass and "
+            "training), pr2 (r2 with the evolution predictor), pr2-r3 (r3 with the predictor).",
+            "none",
+        ),
+    )
+    docs = PR2Config.field_docs()
+    for f in dataclasses.fields(PR2Config):
+        flag, dest = flag_of(f.name), dest_of(f.name)
+        kwargs: Dict[str, Any] = dict(
+            dest=dest, default=f.default, help=_help(docs[f.name], f.default)
+        )
+        if f.type in (bool, "bool"):
+            # --pr2-telemetry / --no-pr2-telemetry
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {int: int, float: float, str: str, "int": int, "float": float}.get(
+                f.type, str
+            )
+            if f.name in _CHOICES:
+                kwargs["choices"] = _CHOICES[f.name]
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+_CONFIG_ERROR = re.compile(r"^PR2Config\.(\w+)=(.*?): (.*)$", re.DOTALL)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def pr2_config_from_args(args: argparse.Namespace) -> PR2Config:
+    """PR2Config from parsed `--pr2-*` args; a bad value raises ValueError naming its flag.
+
+    Fields whose dest is absent from `args` keep PR2Config's default (so a Namespace from a parser
+    without add_pr2_args still works, e.g. in a test).
+    """
+    mode = getattr(args, "pr2_mode", "none")
+    if mode not in PR2_MODES:
+        raise ValueError(f"--pr2-mode={mode}: must be one of {PR2_MODES}")
+    values = {}
+    for f in dataclasses.fields(PR2Config):
+        dest = dest_of(f.name)
+        if hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
+    try:
+        return PR2Config(**values)
+    except ValueError as error:
+        match = _CONFIG_ERROR.match(str(error))
+        if match is None:
+            raise
+        name, why = match.group(1), match.group(3)
+        value = values.get(name, getattr(PR2Config, name, None))
+        raise ValueError(f"{flag_of(name)}={_format_value(value)}: {why}") from error
+
+
+def pr2_optimizer_config_overrides(
+    optimizer_config: Any, alpha: float, config_overrides: Optional[dict] = None
+) -> dict:
+    """`config_overrides` for get_megatron_optimizer with the PR2 predictor at alpha x lr.
+
+    optimizer_config: megatron.core.optimizer.OptimizerConfig (its lr / min_lr are the base).
+    config_overrides: the overrides to extend; None means Megatron's standard ones
+    (get_standard_config_overrides: no weight decay on biases and 1-D parameters), which is what
+    get_megatron_optimizer would apply itself when given None. The input dict is not modified.
+
+    Predictor parameters (attribute `pr2_predictor`, set by PR2Router) get max_lr = alpha x lr,
+    min_lr = alpha x min_lr (so warmup and decay follow the base schedule, scaled) and no weight
+    decay (decay would pull the drift estimate back towards R2).
+    """
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+    if not alpha > 0:
+        raise ValueError(f"--pr2-alpha={_format_value(alpha)}: must be > 0")
+    if optimizer_config.lr is None:
+        raise ValueError("--lr is required: the PR2 predictor trains at --pr2-alpha x --lr")
+    if config_overrides is None:
+        config_overrides = get_standard_config_overrides(config=optimizer_config)
+    merged = dict(config_overrides)
+    override = {"max_lr": alpha * optimizer_config.lr, "wd_mult": 0.0}
+    if optimizer_config.min_lr is not None:
+        override["min_lr"] = alpha * optimizer_config.min_lr
+    merged[ParamKey(attr="pr2_predictor")] = override
+    return merged
+
+
+def megatron_optimizer_kwargs(
+    args: argparse.Namespace,
+    optimizer_config: Any = None,
+    config_overrides: Optional[dict] = None,
+) -> Dict[str, Any]:
+    """Keyword arguments that give get_megatron_optimizer the predictor learning rate.
+
+    Usage (megatron-core 0.16 to 0.19):
+        config = OptimizerConfig(...)          # or megatron.training's get_megatron_optimizer_config
+        optimizer = get_megatron_optimizer(config, model, **megatron_optimizer_kwargs(args, config))
+
+    optimizer_config defaults to an OptimizerConfig built from the matching fields of `args` (as
+    Megatron-LM does). Returns {"config_overrides": ...} (see pr2_optimizer_config_overrides).
+    """
+    if optimizer_config is None:
+        from megatron.core.optimizer import OptimizerConfig
+
+        names = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        optimizer_config = OptimizerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    alpha = pr2_config_from_args(args).alpha
+    return {
+        "config_overrides": pr2_optimizer_config_overrides(
+            optimizer_config, alpha, config_overrides
+        )
+    }
