@@ -1,0 +1,376 @@
+# Multi-rank test harness for megatron-pr2 on CPU with the gloo backend.
+#
+# run_distributed(fn, world_size, ...) spawns one process per rank, runs a module-level function
+# in each after torch.distributed.init_process_group("gloo"), and returns the per-rank results.
+# Inside a rank, `init_megatron_parallel(...)` sets up Megatron-Core's parallel state (with the CPU
+# patches) and tiny model builders give small fp32 MoE layers / GPT models for tests.
+#
+# Shapes (Megatron-Core conventions): hidden states [s, b, h] (sequence-major); under sequence
+# parallelism each TP rank holds [s / tp, b, h]; router tokens are the flattened [s_local * b].
+
+import contextlib
+import datetime
+import io
+import multiprocessing
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+
+# Substrings of exceptions raised when CUDA-only Megatron code runs on a CPU-only build.
+_CUDA_ONLY_MARKERS = (
+    "Torch not compiled with CUDA enabled",
+    "Found no NVIDIA driver",
+    "NVTX functions not installed",
+    "No CUDA GPUs are available",
+    "No module named 'triton'",
+    "torch.cuda.FloatTensor",
+    "CUDA driver",
+)
+_CUDA_ONLY_HINT = (
+    "A rank hit a CUDA-only code path on a CPU-only machine. Call "
+    "megatron_pr2.cpu.apply_cpu_patches() in the rank before importing/building Megatron-Core "
+    "modules (tests.harness.init_megatron_parallel does this)."
+)
+
+
+class DistributedTestError(AssertionError):
+    """One or more ranks failed, died, or timed out; the message holds every rank's traceback."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serialize(value: Any) -> bytes:
+    # torch.save keeps tensors out of shared memory, so the payload survives the rank exiting.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout: float,
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    results: Any,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        torch.distributed.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        value = fn(*args, **kwargs)
+        results.put((rank, "ok", _serialize(value)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the pytest process
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        _destroy_megatron_parallel_if_initialized()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 180, **kwargs: Any
+) -> List[Any]:
+    """Run module-level `fn(*args, **kwargs)` on `world_size` gloo ranks; return their results.
+
+    Each rank is a fresh spawned process (OMP_NUM_THREADS=1) with torch.distributed initialised
+    (gloo, free localhost port). Returns [result of rank 0, result of rank 1, ...] (results must
+    be picklable with torch.save). If any rank raises, dies, or the launch exceeds `timeout`
+    seconds, all ranks are killed and DistributedTestError is raised with every failing rank's
+    traceback; once one rank has failed, the others get a short grace period to report, so a
+    peer blocked in a collective never hangs the test.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(
+            target=_rank_main,
+            args=(rank, world_size, port, timeout, fn, args, kwargs, results),
+            name=f"rank{rank}",
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    # Children inherit the environment at start: one thread each on a 2-core machine.
+    saved_omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        if saved_omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_omp
+
+    outcomes: Dict[int, tuple] = {}
+    start = time.monotonic()
+    deadline = start + timeout
+    grace_s = 10.0
+    first_failure_at: Optional[float] = None
+    timed_out = False
+    try:
+        while len(outcomes) < world_size:
+            now = time.monotonic()
+            if now > deadline:
+                timed_out = True
+                break
+            if first_failure_at is not None and now > first_failure_at + grace_s:
+                break
+            try:
+                rank, status, payload = results.get(timeout=0.2)
+                outcomes[rank] = (status, payload)
+                if status != "ok" and first_failure_at is None:
+                    first_failure_at = time.monotonic()
+                continue
+            except queue.Empty:
+                pass
+            # A rank that exited without reporting died (segfault, os._exit, OOM kill).
+            for rank, process in enumerate(processes):
+                if rank not in outcomes and process.exitcode is not None:
+                    # Give its queue feeder a moment: a clean exit reports before exiting.
+                    time.sleep(0.2)
+                    while True:
+                        try:
+                            r, status, payload = results.get_nowait()
+                        except queue.Empty:
+                            break
+                        outcomes[r] = (status, payload)
+                    if rank not in outcomes:
+                        outcomes[rank] = (
+                            "died",
+                            f"rank {rank} exited with code {process.exitcode} without a result",
+                        )
+                    if outcomes[rank][0] != "ok" and first_failure_at is None:
+                        first_failure_at = time.monotonic()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(timeout=10)
+        results.close()
+
+    failures = {r: o for r, o in outcomes.items() if o[0] != "ok"}
+    missing = [r for r in range(world_size) if r not in outcomes]
+    if not failures and not missing:
+        return [
+            torch.load(io.BytesIO(outcomes[r][1]), weights_only=False) for r in range(world_size)
+        ]
+
+    elapsed = time.monotonic() - start
+    lines = [
+        f"{fn.__module__}.{fn.__name__} failed on world_size={world_size} after {elapsed:.1f}s"
+    ]
+    if timed_out:
+        lines.append(f"TIMEOUT after {timeout}s; ranks without a result were killed: {missing}")
+    elif missing:
+        lines.append(f"ranks killed after another rank failed (blocked in a collective): {missing}")
+    text = "\n".join(str(o[1]) for o in failures.values())
+    if any(marker in text for marker in _CUDA_ONLY_MARKERS):
+        lines.append(_CUDA_ONLY_HINT)
+    for rank in sorted(failures):
+        status, message = failures[rank]
+        lines.append(f"----- rank {rank} ({status}) -----\n{message.rstrip()}")
+    raise DistributedTestError("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a rank: Megatron parallel state and tiny models.
+# ---------------------------------------------------------------------------------------------
+def _destroy_megatron_parallel_if_initialized() -> None:
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def init_megatron_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
+    cp: int = 1,
+    vpp: Optional[int] = None,
+    seed: int = 1234,
+) -> Iterator[Any]:
+    """Inside a rank: CPU patches + Megatron parallel state; yields the ProcessGroupCollection.
+
+    Applies megatron_pr2.cpu.apply_cpu_patches(), calls parallel_state.initialize_model_parallel
+    with the given sizes (etp -> expert_tensor_parallel_size; None means Megatron's default,
+    equal to tp), seeds torch and the (patched) model-parallel RNG tracker with `seed`, and
+    destroys the parallel state on exit, so several layouts can run in one launch.
+    """
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    try:
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        yield ProcessGroupCollection.use_mpu_process_groups()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def make_moe_config(**overrides: Any) -> Any:
+    """A small fp32 MoE TransformerConfig; `overrides` are TransformerConfig fields.
+
+    Defaults: hidden 64, ffn 128, 4 heads, 2 layers, 8 experts top-2 with the alltoall
+    dispatcher, no biases, no dropout, no aux loss, parallel sizes read from the initialised
+    parallel state (so call it inside init_megatron_parallel).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields: Dict[str, Any] = dict(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_moe_experts=8,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=128,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+        bf16=False,
+        fp16=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        fields.update(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+            context_parallel_size=parallel_state.get_context_parallel_world_size(),
+            sequence_parallel=tp > 1,
+        )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def moe_layer_spec(config: Any) -> Any:
+    """Megatron's local (no Transformer Engine) MoE spec: SequentialMLP experts.
+
+    Taken from get_gpt_layer_local_spec(num_experts=...).submodules.mlp, a ModuleSpec on 0.16 and
+    a functools.partial on 0.19; Megatron's build_module accepts both.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(num_experts=config.num_moe_experts).submodules.mlp
+
+
+def build_moe_layer(
+    config: Any, submodules: Any = None, pg_collection: Any = None, layer_number: int = 1
+) -> Any:
+    """Build a stock MoELayer from `config` (spec: `submodules` or moe_layer_spec(config)).
+
+    `submodules` may be a full MoE spec (ModuleSpec / partial) or an MoESubmodules instance.
+    pg_collection defaults to Megatron's process groups from parallel_state.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.spec_utils import build_module
+
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if isinstance(submodules, MoESubmodules):
+        return MoELayer(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+        )
+    spec = submodules if submodules is not None else moe_layer_spec(config)
+    return build_module(spec, config=config, layer_number=layer_number, pg_collection=pg_collection)
+
+
+def build_tiny_gpt(
+    config: Any,
+    vocab_size: int,
+    seq_len: int,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    spec: Any = None,
+    pg_collection: Any = None,
+    **gpt_kwargs: Any,
+) -> Any:
+    """Build a Megatron GPTModel with the local MoE layer spec (or `spec`) for this PP stage.
+
+    pre_process / post_process default to whether this rank is the first / last pipeline stage.
+    Extra keyword arguments go to GPTModel (e.g. share_embeddings_and_output_weights).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    if spec is None:
+        spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    gpt_kwargs.setdefault("share_embeddings_and_output_weights", False)
+    gpt_kwargs.setdefault("position_embedding_type", "learned_absolute")
+    if pg_collection is not None:
+        gpt_kwargs["pg_collection"] = pg_collection
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        **gpt_kwargs,
+    )
