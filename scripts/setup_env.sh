@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment with megatron-pr2 and one megatron-core release.
+#
+# usage: scripts/setup_env.sh [MCORE_VERSION] [VENV_DIR]     (defaults: 0.16.1 .venv-mcore0.16.1)
+# torch is pinned to 2.13.0: on our CPU machines pip takes the CPU build from the local wheel
+# cache, while an unpinned torch would pull a multi-GB CUDA build. megatron-core 0.17+ declare
+# Python >= 3.12 but run on 3.11, so they install with --ignore-requires-python --no-deps.
+set -euo pipefail
+MCORE_VERSION="${1:-0.16.1}"
+VENV_DIR="${2:-.venv-mcore${MCORE_VERSION}}"
+PYTHON="${PYTHON:-python3}"
+cd "$(dirname "$0")/.."
+
+if [ ! -x "${VENV_DIR}/bin/python" ]; then
+  "${PYTHON}" -m venv "${VENV_DIR}"
+fi
+PIP=("${VENV_DIR}/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+"${PIP[@]}" numpy packaging sentencepiece tensorboard matplotlib pytest pytest-timeout ruff
+case "${MCORE_VERSION}" in
+  0.16.*) "${PIP[@]}" "megatron-core==${MCORE_VERSION}" ;;
+  *) "${PIP[@]}" --no-deps --ignore-requires-python "megatron-core==${MCORE_VERSION}" ;;
+esac
+# Dependencies are installed above; --no-deps keeps pip from re-resolving megatron-core's
+# Requires-Python on 0.17+.
+"${PIP[@]}" --no-deps -e .
+"${VENV_DIR}/bin/python" -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
