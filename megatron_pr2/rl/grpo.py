@@ -78,7 +78,7 @@ def policy_loss(
     sequences), 'units', 'abs_log_ratio_sum', 'outside_0.5_2' (token count with r outside
     [0.5, 2]), 'max_ratio' (token-level max).
     """
-    mask = loss_mask.float()
+    mask = loss_mask.to(logprobs.dtype if logprobs.is_floating_point() else torch.float32)
     log_ratio = (logprobs - old_logprobs) * mask
     lo, hi = 1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high
     if config.ratio_level == "token":
@@ -88,7 +88,7 @@ def policy_loss(
         clipped = torch.clamp(ratio, lo, hi) * adv
         per_unit = -torch.minimum(unclipped, clipped)
         loss = (per_unit * mask).sum() / mask.sum().clamp(min=1.0)
-        is_clipped = ((unclipped != clipped) & (mask > 0)).float()
+        is_clipped = ((unclipped != clipped) & (mask > 0)).to(mask.dtype)
         n_clipped, n_units = is_clipped.sum(), mask.sum()
     else:
         lengths = mask.sum(dim=1).clamp(min=1.0)
@@ -96,9 +96,9 @@ def policy_loss(
         unclipped = seq_ratio * advantages
         clipped = torch.clamp(seq_ratio, lo, hi) * advantages
         per_seq = -torch.minimum(unclipped, clipped)
-        valid = (mask.sum(dim=1) > 0).float()
+        valid = (mask.sum(dim=1) > 0).to(mask.dtype)
         loss = (per_seq * valid).sum() / valid.sum().clamp(min=1.0)
-        n_clipped = ((unclipped != clipped).float() * valid).sum()
+        n_clipped = ((unclipped != clipped).to(mask.dtype) * valid).sum()
         n_units = valid.sum()
     with torch.no_grad():
         token_ratio = torch.exp(log_ratio.detach())
@@ -108,7 +108,9 @@ def policy_loss(
             "units": n_units.detach(),
             "clipped": n_clipped.detach(),
             "abs_log_ratio_sum": log_ratio.detach().abs().sum(),
-            "outside_0.5_2": (((token_ratio < 0.5) | (token_ratio > 2.0)) & on).float().sum(),
+            "outside_0.5_2": (((token_ratio < 0.5) | (token_ratio > 2.0)) & on)
+            .sum()
+            .to(mask.dtype),
             "max_ratio": (
                 token_ratio[on].max() if on.any() else torch.zeros((), dtype=token_ratio.dtype)
             ),

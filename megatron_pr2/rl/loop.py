@@ -38,6 +38,7 @@ from megatron_pr2.rl.model import (
     clip_gradients,
     copy_weights,
     default_device,
+    load_full_state_dict,
     reduce_gradients,
 )
 from megatron_pr2.rl.rollout import generate, response_mask_of, score
@@ -153,7 +154,7 @@ class RLTrainer:
         task: ArithmeticTask,
         tokenizer: TaskTokenizer,
         run_dir: str,
-        init_state: Optional[dict] = None,
+        init_state: Optional[dict] = None,  # a model.full_state_dict() (e.g. the SFT warm start)
         log: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.cfg, self.model_cfg, self.task, self.tokenizer = cfg, model_cfg, task, tokenizer
@@ -174,7 +175,7 @@ class RLTrainer:
         engine_dtype = torch.bfloat16 if cfg.engine_dtype == "bf16" else torch.float32
         self.engine = build_gpt_model(model_cfg, vocab, cfg.pr2, engine_dtype, seed=cfg.seed)
         if init_state is not None:
-            self.model.load_state_dict(init_state, strict=True)
+            load_full_state_dict(self.model, init_state)
         self.model.train()
         self.engine.eval()
         self.optimizer = torch.optim.AdamW(
@@ -439,11 +440,11 @@ class RLTrainer:
                 history.append({"step": step, **m})
                 if progress:
                     self.log(_progress_line(self.cfg, step, m))
-                if stop_after is not None and self.step_index >= stop_after:
-                    return history
                 ci = self.cfg.checkpoint_interval
                 if ci and self.step_index % ci == 0 and self.step_index < self.cfg.steps:
                     self.save_checkpoint()
+                if stop_after is not None and self.step_index >= stop_after:
+                    return history
             self.save_checkpoint()
         finally:
             writer.close()

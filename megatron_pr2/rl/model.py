@@ -10,6 +10,7 @@
 
 import dataclasses
 import os
+import re
 import socket
 from typing import Optional
 
@@ -284,3 +285,60 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
         for p in params:
             p.grad.mul_(scale)
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout-independent ("full") state dicts: local expert i of EP rank r is global expert
+# r * num_local_experts + i (Megatron's numbering), so a warm start saved under one expert-
+# parallel size loads under another.
+# ---------------------------------------------------------------------------------------------
+_EXPERT_KEY = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+
+
+def _num_local_experts(model: torch.nn.Module) -> int:
+    ids = {int(m.group(2)) for k in model.state_dict() if (m := _EXPERT_KEY.match(k))}
+    return len(ids)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """State dict with expert keys renamed to global expert ids and every rank's experts
+    gathered over the expert-parallel group (identical result on every rank, on CPU)."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    n_local = _num_local_experts(model)
+    full, experts = {}, {}
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            full[key] = value
+            continue
+        m = _EXPERT_KEY.match(key)
+        if m:
+            experts[f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}"] = (
+                value.detach().cpu().clone()
+            )
+        else:
+            full[key] = value.detach().cpu().clone()
+    if ep > 1:
+        gathered = [None] * ep
+        dist.all_gather_object(
+            gathered, experts, group=parallel_state.get_expert_model_parallel_group()
+        )
+        for part in gathered:
+            full.update(part)
+    else:
+        full.update(experts)
+    return full
+
+
+def load_full_state_dict(model: torch.nn.Module, full: dict) -> None:
+    """Load a full_state_dict() into a model of any expert-parallel size (strict)."""
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    n_local = _num_local_experts(model)
+    local = {}
+    for key in model.state_dict():
+        m = _EXPERT_KEY.match(key)
+        src = f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}" if m else key
+        if src not in full:
+            raise ValueError(f"full state dict has no entry {src} (for {key})")
+        local[key] = full[src]
+    model.load_state_dict(local, strict=True)

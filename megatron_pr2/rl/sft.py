@@ -113,7 +113,9 @@ def run_sft(
         opt.step()
         losses.append(float(loss.detach()))
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
-            log(f"sft step {step:4d} loss {losses[-1]:.4f} ({time.time() - t0:.1f}s)")
+            log(
+                f"sft step {step:4d} loss {losses[-1]:.4f} ({time.time() - t0:.1f}s, cpu {time.process_time():.1f}s)"
+            )
     return losses
 
 
@@ -142,12 +144,13 @@ def sft_cache_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def sft_checkpoint_file(run_dir: str, key: str, rank: int) -> str:
-    return os.path.join(run_dir, f"sft-{key}", f"model_rank{rank:03d}.pt")
+def sft_checkpoint_file(run_dir: str, key: str) -> str:
+    """Layout-independent (full_state_dict) warm-start file; loads under any EP size."""
+    return os.path.join(run_dir, f"sft-{key}", "model_full.pt")
 
 
-def save_model_atomic(model: torch.nn.Module, path: str) -> None:
+def save_state_atomic(state: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(model.state_dict(), tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)

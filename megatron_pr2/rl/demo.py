@@ -1,0 +1,495 @@
+# Command line of the RL demo: one run, or the comparison of all routing modes.
+#
+#   python -m megatron_pr2.rl.demo --compare            # all modes x 2 seeds, table, plots, report
+#   python -m megatron_pr2.rl.demo --compare --quick    # smoke-sized comparison (< 2 min)
+#   python -m megatron_pr2.rl.demo --mode pr2 --steps 40 --run-dir runs/pr2 [--resume]
+#   torchrun --nproc-per-node 2 -m megatron_pr2.rl.demo --mode pr2 --expert-parallel-size 2
+#
+# Run-dir layout: tokenizer.model, sft-<key>/ (cached warm start, one file per rank),
+# compare/<mode>/seed<k>/{tb/, metrics.jsonl, checkpoints/}, plots/*.png, report.md.
+# On CPU the comparison runs its independent runs in `--workers` processes (each a gloo world of
+# one); results do not depend on the number of workers.
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
+
+
+@dataclasses.dataclass
+class Preset:
+    """Sizes of a demo run (everything per data-parallel rank)."""
+
+    num_digits: int = 2
+    """Operand digits of the arithmetic task."""
+    sft_steps: int = 600
+    """Supervised warm-start steps."""
+    sft_batch_size: int = 64
+    """Sequences per SFT step."""
+    sft_lr: float = 3e-3
+    """SFT peak learning rate."""
+    steps: int = 30
+    """RL steps per run."""
+    prompts_per_step: int = 16
+    """Prompts per rollout batch."""
+    group_size: int = 8
+    """GRPO group size."""
+    num_ministeps: int = 4
+    """N mini-steps per rollout batch."""
+    lr: float = 1e-4
+    """RL base learning rate."""
+    alpha: float = 10.0
+    """PR2 predictor learning-rate multiplier."""
+    seeds: tuple = (0, 1)
+    """RL seeds of the comparison."""
+    n1_steps: int = 4
+    """Steps of the N=1 identity check (R2 vs PR2 with one mini-step)."""
+    eval_problems: int = 256
+    """Held-out problems of the final greedy evaluation."""
+    hidden_size: int = 128
+    """Model width."""
+    num_layers: int = 4
+    """MoE layers."""
+
+
+PRESETS = {
+    "default": Preset(),
+    "quick": Preset(
+        sft_steps=120,
+        steps=4,
+        prompts_per_step=8,
+        group_size=4,
+        num_ministeps=2,
+        n1_steps=2,
+        eval_problems=64,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_pr2.rl.demo",
+        description="GRPO on a synthetic arithmetic task with a tiny Megatron-Core MoE GPT; "
+        "compares routing modes none / r2 / r3 / pr2 / pr2-r3.",
+    )
+    p.add_argument("--compare", action="store_true", help="run every mode x seed, write report")
+    p.add_argument("--quick", action="store_true", help="smoke-sized preset (< 2 min on 2 cores)")
+    p.add_argument("--mode", choices=MODES, default="pr2", help="routing mode of a single run")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="--compare modes")
+    p.add_argument("--seed", type=int, default=0, help="seed of a single run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="--compare seeds")
+    p.add_argument("--run-dir", default="runs/rl_demo", help="output directory")
+    p.add_argument("--steps", type=int, default=None, help="RL steps (overrides the preset)")
+    p.add_argument("--ministeps", type=int, default=None, help="N mini-steps per rollout batch")
+    p.add_argument("--prompts-per-step", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="RL base learning rate")
+    p.add_argument("--alpha", type=float, default=None, help="PR2 predictor lr multiplier")
+    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument(
+        "--ratio-level",
+        choices=("token", "sequence"),
+        default="token",
+        help="token: PPO/GRPO ratio; sequence: GSPO",
+    )
+    p.add_argument("--clip-eps", type=float, default=0.2, help="clip range (both sides)")
+    p.add_argument("--engine-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--expert-parallel-size", type=int, default=1)
+    p.add_argument("--checkpoint-interval", type=int, default=0)
+    p.add_argument(
+        "--resume", action="store_true", help="resume a single run from its last checkpoint"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="--compare: parallel worker processes (default: 2 on CPU, 1 on GPU)",
+    )
+    p.add_argument("--no-n1-check", action="store_true", help="skip the N=1 R2==PR2 check")
+    return p
+
+
+def resolve_preset(args) -> Preset:
+    preset = dataclasses.replace(PRESETS["quick" if args.quick else "default"])
+    for field, arg in (
+        ("steps", "steps"),
+        ("num_ministeps", "ministeps"),
+        ("prompts_per_step", "prompts_per_step"),
+        ("group_size", "group_size"),
+        ("lr", "lr"),
+        ("alpha", "alpha"),
+        ("sft_steps", "sft_steps"),
+    ):
+        value = getattr(args, arg)
+        if value is not None:
+            preset = dataclasses.replace(preset, **{field: value})
+    if args.seeds is not None:
+        preset = dataclasses.replace(preset, seeds=tuple(args.seeds))
+    return preset
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything below imports megatron-core: call only after apply_cpu_patches() on CPU.
+# ---------------------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _configs(preset: Preset, job: dict):
+    from megatron_pr2 import PR2Config
+    from megatron_pr2.rl.grpo import PolicyLossConfig
+    from megatron_pr2.rl.loop import RLConfig
+    from megatron_pr2.rl.model import ModelConfig
+    from megatron_pr2.rl.sft import SFTConfig
+    from megatron_pr2.rl.task import TaskConfig
+
+    task_cfg = TaskConfig(num_digits=preset.num_digits)
+    model_cfg = ModelConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        max_sequence_length=2 * task_cfg.prompt_chars + 8,
+    )
+    sft_cfg = SFTConfig(steps=preset.sft_steps, batch_size=preset.sft_batch_size, lr=preset.sft_lr)
+    rl_cfg = RLConfig(
+        mode=job["mode"],
+        seed=job["seed"],
+        steps=job.get("steps", preset.steps),
+        prompts_per_step=preset.prompts_per_step,
+        group_size=preset.group_size,
+        num_ministeps=job.get("num_ministeps", preset.num_ministeps),
+        lr=preset.lr,
+        engine_dtype=job.get("engine_dtype", "bf16"),
+        policy=PolicyLossConfig(
+            clip_eps_low=job.get("clip_eps", 0.2),
+            clip_eps_high=job.get("clip_eps", 0.2),
+            ratio_level=job.get("ratio_level", "token"),
+        ),
+        pr2=PR2Config(alpha=preset.alpha, cache_tokens_per_sequence=64),
+        checkpoint_interval=job.get("checkpoint_interval", 0),
+        eval_problems=preset.eval_problems,
+    )
+    return task_cfg, model_cfg, sft_cfg, rl_cfg
+
+
+def prepare(run_dir: str, preset: Preset, expert_parallel_size: int = 1):
+    """Tokenizer + cached SFT warm start. Returns (task, tokenizer, sft_state, sft_eval)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_pr2.rl.loop import RLTrainer
+    from megatron_pr2.rl.model import build_gpt_model, full_state_dict, init_distributed
+    from megatron_pr2.rl.sft import (
+        run_sft,
+        save_state_atomic,
+        sft_cache_key,
+        sft_checkpoint_file,
+    )
+    from megatron_pr2.rl.task import ArithmeticTask
+    from megatron_pr2.rl.tokenizer import TaskTokenizer, train_tokenizer
+
+    init_distributed(expert_parallel_size, seed=0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    task_cfg, model_cfg, sft_cfg, rl_cfg = _configs(preset, {"mode": "none", "seed": 0})
+    task = ArithmeticTask(task_cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    prefix = os.path.join(run_dir, f"tokenizer-d{task_cfg.num_digits}")
+    if rank == 0 and not os.path.exists(prefix + ".model"):
+        train_tokenizer(task.corpus(seed=0, n=20000), prefix, vocab_size=64)
+    dist.barrier()
+    tokenizer = TaskTokenizer(prefix + ".model")
+    # The data-parallel size changes the SFT data (one stream per rank); the EP size does not.
+    key = sft_cache_key(
+        model_cfg, task_cfg, sft_cfg, tokenizer, {"world": world}, {"pr2": "linear"}
+    )
+    file = sft_checkpoint_file(run_dir, key)
+    eval_file = os.path.join(os.path.dirname(file), "eval.json")
+    if os.path.exists(file) and os.path.exists(eval_file):
+        _log(f"SFT warm start: cached {os.path.dirname(file)}")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        with open(eval_file) as f:
+            return task, tokenizer, state, json.load(f)
+    t0 = time.time()
+    model = build_gpt_model(
+        model_cfg, tokenizer.padded_vocab_size(), rl_cfg.pr2, torch.float32, seed=sft_cfg.seed
+    )
+    seq_length = 1 + task_cfg.prompt_chars + task_cfg.max_answer_chars + 1
+    run_sft(model, task, tokenizer, sft_cfg, seq_length, log=_log)
+    state = full_state_dict(model)  # collective over EP: every rank calls it
+    # Greedy evaluation of the warm start, with the same evaluator as the RL runs.
+    trainer = RLTrainer(
+        rl_cfg, model_cfg, task, tokenizer, os.path.join(run_dir, "sft-eval"), init_state=state
+    )
+    sft_eval = trainer.evaluate(preset.eval_problems)
+    sft_eval["seconds"] = time.time() - t0
+    dist.barrier()
+    if rank == 0:
+        save_state_atomic(state, file)
+        with open(eval_file + ".tmp", "w") as f:
+            json.dump(sft_eval, f)
+        os.replace(eval_file + ".tmp", eval_file)
+    dist.barrier()
+    _log(
+        f"SFT warm start: {sft_cfg.steps} steps in {sft_eval['seconds']:.1f}s, greedy exact "
+        f"match {sft_eval['eval/exact_match']:.3f}, reward {sft_eval['eval/reward']:.3f}"
+    )
+    return task, tokenizer, state, sft_eval
+
+
+def run_job(job: dict) -> dict:
+    """One RL run (a compare cell, the N=1 check, or a single run). Runs in a worker process or
+    in-process; returns {'history', 'eval', 'params_sha256', 'seconds'}."""
+    import torch
+
+    from megatron_pr2.rl.loop import RLTrainer
+
+    preset = Preset(**job["preset"])
+    task, tokenizer, state, _ = prepare(job["root"], preset, job.get("ep", 1))
+    _, model_cfg, _, rl_cfg = _configs(preset, job)
+    t0 = time.time()
+    trainer = RLTrainer(
+        rl_cfg,
+        model_cfg,
+        task,
+        tokenizer,
+        job["run_dir"],
+        init_state=state,
+        log=_log if job.get("progress", True) else None,
+    )
+    history = trainer.train(resume=job.get("resume", False), progress=job.get("progress", True))
+    result = {"history": history, "seconds": time.time() - t0}
+    if preset.eval_problems and job.get("evaluate", True):
+        result["eval"] = trainer.evaluate(preset.eval_problems)
+    digest = hashlib.sha256()
+    for name, value in sorted(trainer.model.state_dict().items()):
+        if isinstance(value, torch.Tensor) and ".predictor." not in name:
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    result["params_sha256"] = digest.hexdigest()
+    return result
+
+
+def _worker(job: dict) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    return run_job(job)
+
+
+def _run_jobs(jobs: List[dict], workers: int) -> List[dict]:
+    if workers <= 1:
+        return [run_job(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_worker, jobs))
+
+
+def n1_identity(r2: dict, pr2: dict) -> Dict[str, object]:
+    """Compare the N=1 R2 and PR2 runs: every shared per-step metric and the final weights."""
+    skip = ("time/",)
+    mismatches, compared, max_diff = [], 0, 0.0
+    for a, b in zip(r2["history"], pr2["history"]):
+        for key in sorted(set(a) & set(b)):
+            if key.startswith(skip):
+                continue
+            compared += 1
+            if a[key] != b[key]:
+                mismatches.append(f"step {a['step']} {key}: {a[key]!r} vs {b[key]!r}")
+                max_diff = max(max_diff, abs(a[key] - b[key]))
+    return {
+        "steps": len(r2["history"]),
+        "metric values compared": compared,
+        "mismatching values": len(mismatches),
+        "max abs difference": max_diff,
+        "final non-predictor weights identical (sha256)": r2["params_sha256"]
+        == pr2["params_sha256"],
+        "first mismatches": mismatches[:5] or "none",
+        "verdict": (
+            "IDENTICAL"
+            if not mismatches and r2["params_sha256"] == pr2["params_sha256"]
+            else "DIFFERENT"
+        ),
+    }
+
+
+def compare(args, preset: Preset) -> int:
+    import torch
+
+    from megatron_pr2.rl import report
+
+    t_all = time.time()
+    root = os.path.abspath(args.run_dir)
+    # The warm start is built once here; workers find it cached.
+    _, _, _, sft_eval = prepare(root, preset, args.expert_parallel_size)
+    t_sft = time.time() - t_all
+    workers = args.workers
+    if workers is None:
+        workers = 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        workers = 1  # under torchrun every rank runs every job in-process
+    base = {
+        "root": root,
+        "preset": dataclasses.asdict(preset),
+        "ep": args.expert_parallel_size,
+        "ratio_level": args.ratio_level,
+        "clip_eps": args.clip_eps,
+        "engine_dtype": args.engine_dtype,
+        "progress": True,
+    }
+    jobs = []
+    for seed in preset.seeds:
+        for mode in args.modes:
+            run_dir = os.path.join(root, "compare", mode, f"seed{seed}")
+            _clean_run_dir(run_dir)
+            jobs.append({**base, "mode": mode, "seed": seed, "run_dir": run_dir})
+    if not args.no_n1_check:
+        for mode in ("r2", "pr2"):
+            run_dir = os.path.join(root, "n1_check", mode)
+            _clean_run_dir(run_dir)
+            jobs.append(
+                {
+                    **base,
+                    "mode": mode,
+                    "seed": preset.seeds[0],
+                    "run_dir": run_dir,
+                    "steps": preset.n1_steps,
+                    "num_ministeps": 1,
+                    "evaluate": False,
+                    "progress": False,
+                }
+            )
+    t_runs = time.time()
+    results = _run_jobs(jobs, workers)
+    t_runs = time.time() - t_runs
+
+    runs: Dict[str, Dict[int, list]] = {}
+    evals: Dict[str, Dict[int, dict]] = {}
+    run_seconds = []
+    n1 = {}
+    for job, res in zip(jobs, results):
+        if job.get("num_ministeps") == 1:
+            n1[job["mode"]] = res
+            continue
+        runs.setdefault(job["mode"], {})[job["seed"]] = res["history"]
+        evals.setdefault(job["mode"], {})[job["seed"]] = res.get("eval", {})
+        run_seconds.append(res["seconds"])
+    n1_check = n1_identity(n1["r2"], n1["pr2"]) if n1 else None
+    if dist.get_rank() != 0:
+        return 0
+    modes = [m for m in args.modes if m in runs]
+    summary = report.summarize(runs, evals)
+    plots = report.plot_curves(runs, os.path.join(root, "plots"))
+    settings = {
+        "model": f"{preset.num_layers} MoE layers, hidden {preset.hidden_size}, 8 experts, top-2, "
+        "alltoall dispatcher, fp32 trainer / bf16 engine",
+        "task": f"{preset.num_digits}-digit addition/subtraction, partial credit 0.5",
+        "RL": f"{preset.steps} steps x {preset.prompts_per_step} prompts x group "
+        f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, "
+        f"{args.ratio_level}-level ratio, clip eps {args.clip_eps}",
+        "PR2": f"linear predictor, kl-post, alpha {preset.alpha}, loss from mini-step 2",
+        "seeds": list(preset.seeds),
+        "world size": dist.get_world_size(),
+        "workers": workers,
+    }
+    timings = {
+        "SFT warm start (or cache load)": t_sft,
+        "all RL runs (wall)": t_runs,
+        "mean RL run": sum(run_seconds) / max(1, len(run_seconds)),
+        "total": time.time() - t_all,
+    }
+    report_path = os.path.join(root, "report.md")
+    report.write_report(
+        report_path, summary, modes, preset.seeds, settings, n1_check, plots, timings, sft_eval
+    )
+    print()
+    print(report.text_table(summary, modes))
+    print()
+    for line in report.verdicts(summary, [("pr2", "r2"), ("pr2-r3", "r3")]):
+        print(line)
+    if n1_check is not None:
+        print(
+            f"\nN=1 check (R2 vs PR2, {n1_check['steps']} steps): {n1_check['verdict']} "
+            f"({n1_check['mismatching values']} of {n1_check['metric values compared']} "
+            "values differ)"
+        )
+    print(f"\nreport: {report_path}\nplots: {', '.join(plots)}")
+    print(f"total {timings['total']:.1f}s")
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump(
+            {"summary": summary, "n1_check": n1_check, "timings": timings}, f, indent=1, default=str
+        )
+    return 0 if n1_check is None or n1_check["verdict"] == "IDENTICAL" else 1
+
+
+def _clean_run_dir(run_dir: str) -> None:
+    """A comparison cell always starts fresh (stale checkpoints would be resumed otherwise)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def single(args, preset: Preset) -> int:
+    root = os.path.abspath(args.run_dir)
+    job = {
+        "root": root,
+        "preset": dataclasses.asdict(preset),
+        "ep": args.expert_parallel_size,
+        "mode": args.mode,
+        "seed": args.seed,
+        "run_dir": os.path.join(root, "runs", f"{args.mode}-seed{args.seed}"),
+        "ratio_level": args.ratio_level,
+        "clip_eps": args.clip_eps,
+        "engine_dtype": args.engine_dtype,
+        "checkpoint_interval": args.checkpoint_interval,
+        "resume": args.resume,
+    }
+    t0 = time.time()
+    res = run_job(job)
+    last = res["history"][-1] if res["history"] else {}
+    _log(f"done in {time.time() - t0:.1f}s; run dir {job['run_dir']}")
+    if "eval" in res:
+        _log(f"greedy eval: {res['eval']}")
+    if last:
+        _log(f"last step reward {last['rl/reward']:.3f}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = resolve_preset(args)
+    import torch
+
+    if not torch.cuda.is_available():
+        # Explicit, before the first megatron-core import (needed on megatron-core 0.19).
+        from megatron_pr2.cpu import apply_cpu_patches
+
+        apply_cpu_patches()
+    if args.compare:
+        return compare(args, preset)
+    return single(args, preset)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+# Comparison report of the RL demo: summary table, PNG plots, markdown with honest verdicts.
+#
+# Input: runs[mode][seed] = list of per-step metric dicts (metrics.jsonl rows) and
+# evals[mode][seed] = final greedy-evaluation dict. Statistics: every metric is first averaged
+# over the last `window` fraction of a run's steps (the regime after warm-up), then mean and
+# sample std over seeds. No megatron imports here.
+
+import math
+import os
+import statistics
+from typing import Dict, List, Optional, Sequence, Tuple
+
+# (metric key, column title, direction: +1 higher is better, -1 lower is better, 0 neutral)
+TABLE_METRICS: Tuple[Tuple[str, str, int], ...] = (
+    ("rl/reward", "reward", +1),
+    ("eval/exact_match", "eval EM", +1),
+    ("rl/clip_fraction", "clip frac", -1),
+    ("rl/mean_abs_log_ratio", "mean abs log r", -1),
+    ("rl/ratio_outside_0.5_2", "r outside [0.5,2]", -1),
+    ("rl/max_ratio", "max r", -1),
+    ("rl/train_inference_kl", "train-inf KL", -1),
+    ("pr2/train_inference_route_accuracy/mean", "train-inf route acc", +1),
+    ("pr2/route_topk_accuracy/mean", "replay/live top-k acc", +1),
+    ("pr2/r2_topk_accuracy/mean", "R2 acc (cached)", 0),
+    ("pr2/predictive_topk_accuracy/mean", "PR2 pred acc (cached)", +1),
+    ("pr2/predictor_loss/mean", "predictor loss", -1),
+    ("pr2/bias_to_logit_ratio/mean", "bias/logit", 0),
+    ("rl/grad_norm", "grad norm", 0),
+    ("rl/entropy", "entropy", 0),
+    ("time/step_seconds", "s/step", -1),
+)
+
+PLOTS: Tuple[Tuple[str, str], ...] = (
+    ("rl/reward", "reward"),
+    ("rl/clip_fraction", "clip_fraction"),
+    ("pr2/route_topk_accuracy/mean", "route_topk_accuracy"),
+    ("rl/mean_abs_log_ratio", "mean_abs_log_ratio"),
+)
+
+
+def _finite(values: Sequence[float]) -> List[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def run_window_mean(history: List[dict], key: str, window: float = 0.5) -> Optional[float]:
+    """Mean of `key` over the last `window` fraction of a run's steps (None if never logged)."""
+    if not history:
+        return None
+    start = int(len(history) * (1.0 - window))
+    values = _finite([row.get(key, float("nan")) for row in history[start:]])
+    return sum(values) / len(values) if values else None
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    vals = _finite([v for v in values if v is not None])
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarize(
+    runs: Dict[str, Dict[int, List[dict]]],
+    evals: Dict[str, Dict[int, dict]],
+    window: float = 0.5,
+) -> Dict[str, Dict[str, Tuple[Optional[float], Optional[float]]]]:
+    """summary[mode][metric] = (mean over seeds, std over seeds) of the per-run window means."""
+    out = {}
+    for mode, by_seed in runs.items():
+        row = {}
+        for key, _, _ in TABLE_METRICS:
+            if key.startswith("eval/"):
+                per_seed = [evals.get(mode, {}).get(s, {}).get(key) for s in by_seed]
+            else:
+                per_seed = [run_window_mean(h, key, window) for h in by_seed.values()]
+            row[key] = mean_std(per_seed)
+        out[mode] = row
+    return out
+
+
+def _fmt(ms: Tuple[Optional[float], Optional[float]]) -> str:
+    mean, std = ms
+    if mean is None:
+        return "n/a"
+
+    def f(x: float) -> str:
+        if x == 0:
+            return "0"
+        if abs(x) >= 100 or abs(x) < 1e-3:
+            return f"{x:.2e}"
+        return f"{x:.4f}"
+
+    return f"{f(mean)} ± {f(std)}" if std else f(mean)
+
+
+def markdown_table(summary, modes: Sequence[str]) -> str:
+    keys = [
+        (k, title)
+        for k, title, _ in TABLE_METRICS
+        if any(summary[m][k][0] is not None for m in modes)
+    ]
+    lines = ["| metric | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for key, title in keys:
+        lines.append(f"| {title} | " + " | ".join(_fmt(summary[m][key]) for m in modes) + " |")
+    return "\n".join(lines)
+
+
+def text_table(summary, modes: Sequence[str]) -> str:
+    """Fixed-width side-by-side table for the terminal."""
+    keys = [
+        (k, title)
+        for k, title, _ in TABLE_METRICS
+        if any(summary[m][k][0] is not None for m in modes)
+    ]
+    cells = [["metric"] + list(modes)]
+    for key, title in keys:
+        cells.append([title] + [_fmt(summary[m][key]) for m in modes])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    out = []
+    for n, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def verdicts(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
+    """Plain statements 'A vs B' per directional metric, saying when a gap is within the
+    seed-to-seed spread (the larger of the two stds) rather than calling it a win."""
+    lines = []
+    for a, b in pairs:
+        if a not in summary or b not in summary:
+            continue
+        for key, title, direction in TABLE_METRICS:
+            if direction == 0:
+                continue
+            (ma, sa), (mb, sb) = summary[a][key], summary[b][key]
+            if ma is None or mb is None:
+                continue
+            diff = ma - mb
+            spread = max(sa or 0.0, sb or 0.0)
+            if diff == 0:
+                verdict = "identical"
+            elif abs(diff) <= spread:
+                verdict = "within seed spread (no clear difference)"
+            elif diff * direction > 0:
+                verdict = f"{a} better"
+            else:
+                verdict = f"{a} WORSE"
+            lines.append(
+                f"- {title}: {a} {ma:.4g} vs {b} {mb:.4g} (diff {diff:+.3g}, seed spread "
+                f"{spread:.2g}): {verdict}"
+            )
+    return lines
+
+
+def plot_curves(runs: Dict[str, Dict[int, List[dict]]], out_dir: str) -> List[str]:
+    """One PNG per plotted metric: mean over seeds per step, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for key, name in PLOTS:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        plotted = False
+        for mode, by_seed in runs.items():
+            steps = max((len(h) for h in by_seed.values()), default=0)
+            xs, ys = [], []
+            for t in range(steps):
+                vals = _finite(
+                    [h[t].get(key, float("nan")) for h in by_seed.values() if t < len(h)]
+                )
+                if vals:
+                    xs.append(t + 1)
+                    ys.append(sum(vals) / len(vals))
+            if xs:
+                ax.plot(xs, ys, label=mode, marker="." if len(xs) < 40 else None)
+                plotted = True
+        if not plotted:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(
+    path: str,
+    summary,
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    settings: Dict[str, object],
+    n1_check: Optional[Dict[str, object]],
+    plots: Sequence[str],
+    timings: Dict[str, float],
+    sft_eval: Optional[Dict[str, float]] = None,
+) -> str:
+    """Write the markdown report; returns its text."""
+    lines = ["# megatron-pr2 RL demo: routing-mode comparison", ""]
+    lines += [
+        "GRPO on synthetic arithmetic with a tiny Megatron-Core MoE GPT (trainer fp32, rollout "
+        "engine bf16). Same SFT warm start, same prompt and sampling seeds for every mode. "
+        "Each number is the mean over the last half of a run's steps, then mean ± std over "
+        f"seeds {list(seeds)}.",
+        "",
+        "## Settings",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in settings.items()]
+    if sft_eval:
+        lines += [
+            f"- SFT warm start (greedy, held-out): exact match {sft_eval.get('eval/exact_match', float('nan')):.3f}, "
+            f"reward {sft_eval.get('eval/reward', float('nan')):.3f}"
+        ]
+    lines += ["", "## Results", "", markdown_table(summary, modes), ""]
+    lines += [
+        "Metric notes: 'replay/live top-k acc' is |replayed route ∩ live top-k| / k over the "
+        "mini-steps (R2/R3: replay accuracy, the staleness baseline; PR2: predictive accuracy of "
+        "the replayed predicted route; none: no replay, the same overlap between the old-policy "
+        "route and the live route, i.e. natural drift). 'R2 acc (cached)' and 'PR2 pred acc "
+        "(cached)' are measured on the predictor-cache tokens in PR2 modes only: TopK(p_old) and "
+        "TopK(p_old + h W_p) against the live top-k. 'train-inf route acc' compares the engine's "
+        "route with the trainer's live top-k at theta_old.",
+        "",
+        "## Verdicts (computed from the table)",
+        "",
+    ]
+    lines += verdicts(summary, [("pr2", "r2"), ("pr2-r3", "r3"), ("r2", "none"), ("r3", "none")])
+    lines += [""]
+    if n1_check is not None:
+        lines += ["## N=1 check: R2 and PR2 identical when N = 1", ""]
+        lines += [f"- {k}: {v}" for k, v in n1_check.items()]
+        lines += [""]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [
+            f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(path))})" for p in plots
+        ]
+        lines += [""]
+    lines += ["## Timings", ""]
+    lines += [f"- {k}: {v:.1f} s" for k, v in timings.items()]
+    lines += [""]
+    text = "\n".join(lines)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return text

@@ -1,0 +1,281 @@
+# RL demo loop on a micro configuration: every routing mode, N=1 R2 == PR2, checkpoint/resume,
+# trainer -> engine predictor sync, and a 2-rank EP2 run against an EP1 run of the same data.
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from megatron_pr2 import PR2Config
+from megatron_pr2.rl.task import ArithmeticTask, TaskConfig
+from megatron_pr2.rl.tokenizer import TaskTokenizer, train_tokenizer
+
+MICRO_MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, moe_ffn_hidden_size=64)
+
+
+def micro_rl_config(mode: str, **overrides):
+    from megatron_pr2.rl.loop import RLConfig
+
+    base = dict(
+        mode=mode,
+        seed=3,
+        steps=2,
+        prompts_per_step=4,
+        group_size=4,
+        num_ministeps=2,
+        lr=1e-3,
+        pr2=PR2Config(alpha=10.0, cache_tokens_per_sequence=64),
+    )
+    base.update(overrides)
+    return RLConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """gloo world of 1 + Megatron parallel state for this module, tokenizer, micro SFT state."""
+    from single_rank import single_rank
+
+    root = tmp_path_factory.mktemp("rl")
+    task = ArithmeticTask(TaskConfig(num_digits=2))
+    train_tokenizer(task.corpus(seed=0, n=3000), str(root / "tok"), 64)
+    tokenizer = TaskTokenizer(str(root / "tok.model"))
+    with single_rank():
+        from megatron_pr2.rl.model import ModelConfig, build_gpt_model, full_state_dict
+        from megatron_pr2.rl.sft import SFTConfig, run_sft
+
+        model_cfg = ModelConfig(**MICRO_MODEL)
+        model = build_gpt_model(model_cfg, tokenizer.padded_vocab_size(), PR2Config(), seed=1)
+        # A few supervised steps so sampled answers are not pure noise.
+        run_sft(model, task, tokenizer, SFTConfig(steps=15, batch_size=32, lr=3e-3), 11)
+        yield {
+            "root": root,
+            "task": task,
+            "tokenizer": tokenizer,
+            "model_cfg": model_cfg,
+            "state": full_state_dict(model),
+        }
+
+
+def make_trainer(setup, cfg, run_dir):
+    from megatron_pr2.rl.loop import RLTrainer
+
+    return RLTrainer(
+        cfg,
+        setup["model_cfg"],
+        setup["task"],
+        setup["tokenizer"],
+        str(run_dir),
+        init_state=setup["state"],
+    )
+
+
+def _no_time(row):
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize("mode", ["none", "r2", "r3", "pr2", "pr2-r3"])
+def test_loop_runs_every_mode(setup, tmp_path, mode):
+    trainer = make_trainer(setup, micro_rl_config(mode), tmp_path)
+    history = trainer.train(progress=False)
+    assert [row["step"] for row in history] == [0, 1]
+    last = history[-1]
+    for key in (
+        "rl/reward",
+        "rl/clip_fraction",
+        "rl/mean_abs_log_ratio",
+        "rl/ratio_outside_0.5_2",
+        "rl/max_ratio",
+        "rl/train_inference_kl",
+        "rl/entropy",
+        "rl/grad_norm",
+        "pr2/route_topk_accuracy/mean",
+        "pr2/route_topk_accuracy/layer_0",
+        "pr2/route_topk_accuracy/layer_1",
+        "pr2/route_topk_accuracy/ministep_2",
+        "pr2/train_inference_route_accuracy/mean",
+        "pr2/flip_rate/mean",
+    ):
+        assert key in last, key
+        assert math.isfinite(last[key]), (key, last[key])
+    assert 0.0 <= last["rl/reward"] <= 1.0
+    assert 0.0 <= last["pr2/route_topk_accuracy/mean"] <= 1.0
+    assert last["rl/train_inference_kl"] >= 0.0
+    has_predictor_metrics = "pr2/predictive_topk_accuracy/mean" in last
+    assert has_predictor_metrics == mode.startswith("pr2")
+    assert ("pr2/oldpass/route_topk_accuracy/mean" in last) == mode.endswith("r3")
+    if mode.startswith("pr2"):
+        # The predictor trained from mini-step 2: its head is no longer zero.
+        pred = [p for n, p in trainer.model.named_parameters() if ".predictor." in n]
+        assert pred and any(float(p.abs().sum()) > 0 for p in pred)
+        assert last["pr2/bias_to_logit_ratio/mean"] > 0
+    if mode in ("r2", "r3"):
+        # Replay at mini-step 1 of the first batch uses routes of the same weights and inputs:
+        # R2 replays the trainer's own top-k, so it is exact.
+        if mode == "r2":
+            assert history[0]["pr2/route_topk_accuracy/ministep_1"] == 1.0
+    # TensorBoard event file and JSONL history were written; a checkpoint exists.
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    with open(tmp_path / "tb" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1]
+    assert trainer.latest_checkpoint() is not None
+
+
+def test_n1_r2_and_pr2_are_identical(setup, tmp_path):
+    """With one mini-step the predictor never trains: PR2 must reproduce R2 exactly."""
+    results = {}
+    for mode in ("r2", "pr2"):
+        cfg = micro_rl_config(mode, steps=3, num_ministeps=1)
+        trainer = make_trainer(setup, cfg, tmp_path / mode)
+        history = trainer.train(progress=False)
+        weights = {
+            n: p.detach().clone()
+            for n, p in trainer.model.state_dict().items()
+            if ".predictor." not in n and isinstance(p, torch.Tensor)
+        }
+        results[mode] = (history, weights, trainer)
+    (h_r2, w_r2, _), (h_pr2, w_pr2, t_pr2) = results["r2"], results["pr2"]
+    compared = 0
+    for a, b in zip(h_r2, h_pr2):
+        for key in set(_no_time(a)) & set(_no_time(b)):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+            compared += 1
+    assert compared > 3 * 20
+    for name in w_r2:
+        assert torch.equal(w_r2[name], w_pr2[name]), name
+    for n, p in t_pr2.model.named_parameters():
+        if ".predictor." in n:
+            assert float(p.abs().sum()) == 0.0, n
+
+
+def test_n2_pr2_departs_from_r2(setup, tmp_path):
+    """The N=1 identity is not vacuous: with N=2 the predictor trains and PR2 departs from R2."""
+    hist = {}
+    for mode in ("r2", "pr2"):
+        trainer = make_trainer(setup, micro_rl_config(mode, steps=2), tmp_path / mode)
+        hist[mode] = trainer.train(progress=False)
+    a, b = hist["r2"][-1], hist["pr2"][-1]
+    assert a["rl/mean_abs_log_ratio"] != b["rl/mean_abs_log_ratio"]
+
+
+def test_resume_reproduces_next_steps(setup, tmp_path):
+    cfg = micro_rl_config("pr2", steps=4, checkpoint_interval=2)
+    straight = make_trainer(setup, cfg, tmp_path / "straight").train(progress=False)
+
+    killed_dir = tmp_path / "killed"
+    first = make_trainer(setup, cfg, killed_dir)
+    # Emulate a kill after step index 2 ran (and was logged) but before its checkpoint.
+    partial = first.train(progress=False, stop_after=3)
+    assert [r["step"] for r in partial] == [0, 1, 2]
+    del first
+    resumed_trainer = make_trainer(setup, cfg, killed_dir)
+    resumed = resumed_trainer.train(progress=False)
+    assert [r["step"] for r in resumed] == [2, 3]
+    for a, b in zip(straight[2:], resumed):
+        assert _no_time(a) == _no_time(b)
+    # The JSONL history holds every step exactly once (the unsaved step 2 was dropped).
+    with open(killed_dir / "tb" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]
+
+
+def test_resume_refuses_a_different_config(setup, tmp_path):
+    make_trainer(setup, micro_rl_config("r2", steps=1), tmp_path).train(progress=False)
+    trainer = make_trainer(setup, micro_rl_config("r2", steps=2, lr=5e-4), tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        trainer.train(progress=False)
+
+
+def test_engine_sync_carries_predictor(setup, tmp_path):
+    from megatron_pr2.rl.model import copy_weights
+
+    trainer = make_trainer(setup, micro_rl_config("pr2-r3", steps=2), tmp_path)
+    trainer.train(progress=False)
+    copy_weights(trainer.model, trainer.engine)
+    engine_params = dict(trainer.engine.named_parameters())
+    n_pred = 0
+    for name, p in trainer.model.named_parameters():
+        e = engine_params[name]
+        assert e.dtype == torch.bfloat16
+        assert torch.equal(e, p.detach().to(torch.bfloat16)), name
+        n_pred += ".predictor." in name
+    assert n_pred == MICRO_MODEL["num_layers"]
+
+
+def test_config_validation():
+    from megatron_pr2.rl.loop import RLConfig
+
+    with pytest.raises(ValueError, match="mode"):
+        RLConfig(mode="r4")
+    with pytest.raises(ValueError, match="num_ministeps"):
+        RLConfig(prompts_per_step=3, group_size=3, num_ministeps=2)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        RLConfig(prompts_per_step=4, group_size=4, num_ministeps=2, micro_batch_size=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two ranks: EP2 (experts split, alltoall over gloo) vs EP1 (experts replicated), DP2 in both,
+# same full-state initialisation and data. The math is the same, so metrics and weights agree.
+# ---------------------------------------------------------------------------------------------
+def _two_rank_run(root: str, mode: str):
+    from harness import init_megatron_parallel
+
+    from megatron_pr2.rl.loop import RLTrainer
+    from megatron_pr2.rl.model import ModelConfig, build_gpt_model, full_state_dict
+
+    task = ArithmeticTask(TaskConfig(num_digits=2))
+    tokenizer = TaskTokenizer(os.path.join(root, "tok.model"))
+    model_cfg = ModelConfig(**MICRO_MODEL)
+    out = {}
+    init = None
+    for ep in (1, 2):
+        with init_megatron_parallel(ep=ep, seed=0):
+            if init is None:
+                model = build_gpt_model(model_cfg, tokenizer.padded_vocab_size(), PR2Config())
+                init = full_state_dict(model)
+            cfg = micro_rl_config(mode, steps=2)
+            run_dir = os.path.join(root, f"ep{ep}")
+            trainer = RLTrainer(cfg, model_cfg, task, tokenizer, run_dir, init_state=init)
+            history = trainer.train(progress=False)
+            out[ep] = {
+                "history": [_no_time(r) for r in history],
+                "full": full_state_dict(trainer.model),
+            }
+    return out
+
+
+def test_ep2_two_ranks_matches_ep1(tmp_path):
+    from harness import run_distributed
+
+    task = ArithmeticTask(TaskConfig(num_digits=2))
+    train_tokenizer(task.corpus(seed=0, n=3000), str(tmp_path / "tok"), 64)
+    results = run_distributed(_two_rank_run, 2, str(tmp_path), "pr2-r3", timeout=300)
+    r0, r1 = results
+    for ep in (1, 2):
+        # Metrics are reduced over ranks: both ranks report the same values.
+        assert r0[ep]["history"] == r1[ep]["history"]
+        # Data-parallel replicas (dense weights and the gathered experts) stay identical.
+        for name, value in r0[ep]["full"].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, r1[ep]["full"][name]), (ep, name)
+    h1, h2 = r0[1]["history"], r0[2]["history"]
+    assert len(h1) == len(h2) == 2
+    for a, b in zip(h1, h2):
+        assert set(a) == set(b)
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    for name, value in r0[1]["full"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(value, r0[2]["full"][name], rtol=1e-4, atol=1e-5)
+    # The predictor trained (pr2-r3, N = 2).
+    assert any(float(v.abs().sum()) > 0 for k, v in r0[2]["full"].items() if ".predictor." in k)
+
+
+def test_rl_config_roundtrips_through_asdict():
+    from megatron_pr2.rl.loop import RLConfig
+
+    cfg = micro_rl_config("pr2")
+    d = dataclasses.asdict(cfg)
+    assert d["mode"] == "pr2" and d["pr2"]["alpha"] == 10.0
+    assert isinstance(cfg, RLConfig)
