@@ -148,12 +148,8 @@ class RoutingSession:
             self._layouts[microbatch] = layout
         return layout
 
-    def _local_routes(
-        self, microbatch: int, layout: TokenLayout, router: PR2Router
-    ) -> _LocalRoutes:
-        local = self._local.get(microbatch)
-        if local is not None:
-            return local
+    def _decode(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> _LocalRoutes:
+        """Decode and validate one microbatch's routes for this rank's router rows."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -180,6 +176,7 @@ class RoutingSession:
             dropped=None if dropped is None else dropped[rows],
             columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
         )
+        _check_routes(local.indices, microbatch, router.pr2_config.missing_route_policy)
         if batch.cache is not None:
             position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
             position[layout.token_index] = torch.arange(layout.token_index.numel())
@@ -188,8 +185,49 @@ class RoutingSession:
             local.cache_rows = cached_rows[here]
             local.cache_hidden = batch.cache.hidden[here]
             local.cache_logits = batch.cache.logits[here]
-        self._local[microbatch] = local
         return local
+
+    def _bind(self, router: PR2Router, microbatch: int, hidden: torch.Tensor) -> None:
+        """Decode microbatch routes once, and make every rank of the stage agree they are valid.
+
+        Runs at the first router call of a microbatch, a point every rank of the pipeline stage
+        reaches in the same order. A rank with a bad shard would otherwise raise alone and leave
+        its peers blocked in the dispatcher's collectives; one small all-reduce over the stage's
+        ranks (tp x dp x cp, which contains the expert-parallel group) makes all of them raise.
+        Tensor-parallel ranks without sequence parallelism route the same tokens, so their routes
+        must be identical: a digest comparison catches a mismatch before dispatch does.
+        """
+        error, local = None, None
+        try:
+            layout = self._layout_for(microbatch, hidden)
+            local = self._decode(microbatch, layout, router)
+        except ValueError as exc:
+            error = exc
+        stage_group = router.tp_dp_cp_group
+        if torch.distributed.is_initialized() and stage_group.size() > 1:
+            flag = torch.tensor([0 if error is None else 1], device=hidden.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=stage_group)
+            if error is None and int(flag) != 0:
+                error = ValueError(
+                    f"microbatch {microbatch}: another rank of this pipeline stage rejected its "
+                    "routes (see that rank's error)"
+                )
+        if error is not None:
+            raise error
+        tp_group = router.tp_group
+        if tp_group.size() > 1 and not router.config.sequence_parallel:
+            digest = _route_digest(local.indices).to(hidden.device)
+            extremes = torch.stack([digest, -digest])
+            torch.distributed.all_reduce(
+                extremes, op=torch.distributed.ReduceOp.MAX, group=tp_group
+            )
+            if int(extremes[0]) != -int(extremes[1]):
+                raise ValueError(
+                    f"microbatch {microbatch}: tensor-parallel ranks hold different routes; "
+                    "without sequence parallelism they route the same tokens and must replay "
+                    "identical routes"
+                )
+        self._local[microbatch] = local
 
     # -- the router hook -------------------------------------------------------------------------
     def route(self, router: PR2Router, hidden, logits, padding_mask):
@@ -212,6 +250,8 @@ class RoutingSession:
                 f"MoE layer {router.moe_layer_id}: forward of microbatch {microbatch} but "
                 f"routing(..., 'replay') was given routes for {len(self.routes)} microbatches"
             )
+        if self.mode == "replay" and microbatch not in self._local:
+            self._bind(router, microbatch, hidden)
         layout = self._layout_for(microbatch, hidden)
         args = (router, state, microbatch, layout, hidden, logits, padding_mask, recompute)
         if self.mode == "replay":
@@ -242,22 +282,15 @@ class RoutingSession:
         return probs, routing_map
 
     def _replay(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
-        local = self._local_routes(microbatch, layout, router)
+        local = self._local[microbatch]
         column = local.columns[router.moe_layer_id]
         target = local.indices[:, column].to(logits.device)
         flat_logits = logits.reshape(-1, logits.shape[-1])
         live = None
         if bool((target < 0).any()):
-            if router.pr2_config.missing_route_policy == "error":
-                raise ValueError(
-                    f"MoE layer {router.moe_layer_id}, microbatch {microbatch}: "
-                    f"{int((target[:, 0] < 0).sum())} tokens have no route "
-                    "(PR2Config.missing_route_policy='error')"
-                )
+            # missing_route_policy="fallback" (bind rejected missing routes otherwise).
             live = live_topk(router, flat_logits)
             target = torch.where(target < 0, live, target)
-        if not recompute:
-            _check_distinct(target, router.moe_layer_id, microbatch)
         dropped = None if local.dropped is None else local.dropped[:, column].to(logits.device)
         probs, routing_map, _, _ = router.route(logits, padding_mask, target, dropped)
 
@@ -379,16 +412,32 @@ class RoutingSession:
         return out
 
 
-def _check_distinct(target: torch.Tensor, layer: int, microbatch: int) -> None:
-    """Raise if a token's replayed route names one expert twice (it would break dispatch)."""
-    ordered = target.sort(dim=1).values
-    duplicate = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-    if bool(duplicate.any()):
-        token = int(torch.nonzero(duplicate)[0])
+def _check_routes(indices: torch.Tensor, microbatch: int, missing_route_policy: str) -> None:
+    """Raise on a duplicate expert within a token (it breaks dispatch) or a forbidden gap."""
+    missing = indices[..., 0] < 0
+    if bool(missing.any()) and missing_route_policy == "error":
+        row, column = (int(v) for v in torch.nonzero(missing)[0])
         raise ValueError(
-            f"MoE layer {layer}, microbatch {microbatch}: router row {token} replays a duplicate "
-            f"expert {target[token].tolist()}"
+            f"microbatch {microbatch}: {int(missing.sum())} (token, layer) pairs have no route, "
+            f"first router row {row} of route column {column} "
+            "(PR2Config.missing_route_policy='error')"
         )
+    ordered = indices.sort(dim=-1).values
+    duplicate = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    duplicate = duplicate.any(dim=-1)
+    if bool(duplicate.any()):
+        row, column = (int(v) for v in torch.nonzero(duplicate)[0])
+        raise ValueError(
+            f"microbatch {microbatch}: router row {row} replays a duplicate expert "
+            f"{indices[row, column].tolist()} in route column {column}"
+        )
+
+
+def _route_digest(indices: torch.Tensor) -> torch.Tensor:
+    """Position-sensitive int64 checksum of a route tensor (to compare ranks cheaply)."""
+    flat = indices.reshape(-1).to(torch.int64) + 2
+    weights = torch.arange(flat.numel(), dtype=torch.int64) % 65521 + 1
+    return (flat * weights).sum()
 
 
 class RoutingHandle:
