@@ -378,6 +378,64 @@ def print_part(shape_name: str, part: str, summary: dict) -> None:
         print(f"  {label:34s} {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}]{verdict}")
 
 
+# Metadata-only aten ops (no kernel on a GPU); everything else counts as a compute op.
+_META_OPS = frozenset(
+    "aten::" + name
+    for name in (
+        "view _unsafe_view reshape _reshape_alias as_strided t transpose permute expand "
+        "unsqueeze squeeze select slice detach alias empty empty_strided empty_like lift_fresh "
+        "resolve_conj resolve_neg to contiguous result_type size stride is_nonzero item split "
+        "split_with_sizes chunk unbind flatten numpy_T"
+    ).split()
+)
+
+
+def count_ops(run: Callable[[], None], between: Callable[[], None]) -> Dict[str, int]:
+    """Hardware-independent cost proxies of one call, from a torch.profiler trace.
+
+    compute_ops: leaf aten ops that would launch a kernel on a GPU (launch-bound there for
+    router-sized tensors). host_syncs: aten::_local_scalar_dense calls (.item(), bool(),
+    int(), float() of a tensor): each blocks the host until the GPU catches up when the tensor
+    lives on the GPU. On CPU-resident route tensors they cost nothing; see README for which.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run()
+    between()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    between()
+
+    def compute(event) -> bool:
+        return event.name.startswith("aten::") and event.name not in _META_OPS
+
+    events = prof.events()
+    leaves = [e for e in events if compute(e) and not any(compute(c) for c in e.cpu_children)]
+    syncs = [e for e in events if e.name == "aten::_local_scalar_dense"]
+    return dict(compute_ops=len(leaves), host_syncs=len(syncs))
+
+
+def derived_layer_ratios(entry: dict) -> Dict[str, float]:
+    """Layer ratio estimated as 1 + (router delta) / (stock layer time).
+
+    Variants share experts, dispatcher and input and produce the same routing_map, so their
+    layer times differ only by their router time; the router-alone delta (median of paired
+    per-round differences) is far less noisy than the difference of two layer timings.
+    """
+    parts = entry["parts"]
+    if "router" not in parts or "layer" not in parts:
+        return {}
+    raw = parts["router"]["raw_ms"]
+    layer_ms = {name: s["median"] for name, s in parts["layer"]["times_ms"].items()}
+    out = {}
+    for label, num, den, _ in RATIOS:
+        if num in raw and den in raw and den in layer_ms:
+            delta = Stats.of([a - b for a, b in zip(raw[num], raw[den])]).median
+            out[label] = 1.0 + delta / layer_ms[den]
+    return out
+
+
 def profile(bench: Bench, names: List[str], part: str, iterations: int, rows: int) -> None:
     """torch.profiler table (self time) of a few iterations per variant: where the time goes."""
     from torch.profiler import ProfilerActivity
@@ -398,6 +456,26 @@ def profile(bench: Bench, names: List[str], part: str, iterations: int, rows: in
                 bench.zero_grads()
         print(f"\n[profile {bench.shape.name}] {name} / {part}, {iterations} iterations")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
+def git_commit() -> str:
+    """HEAD of the megatron-pr2 checkout, with "+dirty" when megatron_pr2/ has local edits."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "megatron_pr2"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -431,6 +509,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    parser.add_argument(
+        "--no-count-ops",
+        dest="count_ops",
+        action="store_false",
+        help="skip counting aten ops / host syncs per router call",
+    )
     parser.add_argument("--profile", default="", help="comma list of variants to profile")
     parser.add_argument("--profile-part", default="router", choices=PARTS)
     parser.add_argument("--profile-iterations", type=int, default=5)
@@ -470,6 +554,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         torch=torch.__version__,
         megatron_core=megatron.core.__version__,
         python=platform.python_version(),
+        megatron_pr2_commit=git_commit(),
     )
     print(f"machine: {machine}")
     print(
@@ -495,6 +580,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
             summary["raw_ms"] = times
             entry["parts"][part] = summary
             print_part(shape.name, part, summary)
+        derived = derived_layer_ratios(entry)
+        if derived:
+            entry["derived_layer_ratios"] = derived
+            print(f"[{shape.name}] layer ratio derived from the router delta (1 + d_router/layer)")
+            for label, value in derived.items():
+                print(f"  {label:34s} {value:.4f}")
+        if args.count_ops:
+            counts = {}
+            print(f"[{shape.name}] router fwd+bwd: compute ops and host syncs per call")
+            for name in variants:
+                counts[name] = count_ops(bench.job(name, "router"), bench.zero_grads)
+                print(
+                    f"  {name:26s} compute ops {counts[name]['compute_ops']:4d}   "
+                    f"host syncs {counts[name]['host_syncs']:3d}"
+                )
+            entry["op_counts"] = counts
         if args.profile:
             names = [v for v in args.profile.split(",") if v]
             profile(bench, names, args.profile_part, args.profile_iterations, args.profile_rows)
