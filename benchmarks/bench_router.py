@@ -26,6 +26,7 @@
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -167,7 +168,10 @@ def build_layer(spec, config):
     from megatron.core.transformer.spec_utils import build_module
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
+    if isinstance(spec, functools.partial):  # megatron-core >= 0.17 spec form
+        layer = spec(config=config, layer_number=1, pg_collection=pg)
+    else:
+        layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
     layer.set_layer_number(1)
     layer.train()
     return layer

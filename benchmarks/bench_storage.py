@@ -149,11 +149,13 @@ def real_record_check(device: str = "cpu") -> dict:
     runs routing(..., "predict_record") and compares RouteBatch.nbytes / PredictorCache.nbytes
     with ceil(T*L*k*bits/8) and C*8 + C*L*(H+E)*4.
     """
-    from benchmarks.bench_router import Shape, build_layer, make_config, moe_spec
     from benchmarks.common import init_single_process
+
+    # First: on CPU the patches must precede any megatron-core import (0.19 without triton).
+    init_single_process(device)
+    from benchmarks.bench_router import Shape, build_layer, make_config, moe_spec
     from megatron_pr2 import PR2Config, apply_pr2, routing
 
-    init_single_process(device)
     shape = Shape(hidden=64, experts=8, topk=2, tokens=512, ffn=64, micro_batch=2)
     config = make_config(shape, device, torch.float32, "alltoall")
     cache_tokens = shape.seq_length // 8
@@ -327,7 +329,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     results: Dict[str, object] = dict(args=vars(args))
 
-    if not args.skip_real:
+    if args.skip_real:
+        from megatron_pr2.cpu import apply_cpu_patches
+
+        apply_cpu_patches()  # a no-op with CUDA; lets megatron-core 0.19 import without triton
+    else:
         check = real_record_check()
         results["real_record_check"] = check
         print(

@@ -1,0 +1,114 @@
+# Smoke tests of the benchmark scripts on a micro shape: they run, print the ratios and write
+# consistent JSON. No timing assertions (timings depend on the machine and its load).
+#
+# Each script runs in a subprocess: the benchmarks set up their own single-rank Megatron world,
+# which must not leak into the parallel state of other tests in this pytest process.
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", *args, "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    with open(out) as f:
+        return proc.stdout, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def router_run(tmp_path_factory):
+    return _run(
+        [
+            "-m",
+            "benchmarks.bench_router",
+            "--shapes",
+            "micro",
+            "--repeats",
+            "2",
+            "--router-repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--parts",
+            "layer,router,layer_fwd",
+        ],
+        tmp_path_factory.mktemp("router"),
+        "router",
+    )
+
+
+TARGET_RATIOS = ("predict_record / stock", "replay+ploss / stock", "pr2 replay / megatron replay")
+
+
+def test_bench_router_prints_ratios(router_run):
+    stdout, _ = router_run
+    for part in ("layer", "router", "layer_fwd"):
+        assert f"] {part}: paired per-round ratios" in stdout, stdout
+    for label in TARGET_RATIOS:
+        lines = [line for line in stdout.splitlines() if line.strip().startswith(label)]
+        # One line per timed part, plus one in the derived layer-ratio table.
+        assert len(lines) == 4, (label, lines)
+        for line in lines:
+            float(line.split()[len(label.split())])  # the ratio right after the label
+
+
+def test_bench_router_json(router_run):
+    _, results = router_run
+    (entry,) = results["shapes"].values()
+    assert entry["shape"]["tokens"] == 128 and entry["cached_tokens"] > 0
+    for part in ("layer", "router", "layer_fwd"):
+        summary = entry["parts"][part]
+        assert set(summary["times_ms"]) >= {"stock", "megatron_replay", "pr2_replay_ploss+tel"}
+        for stats in summary["times_ms"].values():
+            assert stats["n"] == 2 and 0 < stats["min"] <= stats["median"] <= stats["max"]
+        for label in TARGET_RATIOS:
+            ratio = summary["ratios"][label]
+            assert math.isfinite(ratio["median"]) and ratio["median"] > 0
+            assert ratio["target"] is not None
+    for label in TARGET_RATIOS:
+        assert math.isfinite(entry["derived_layer_ratios"][label])
+    counts = entry["op_counts"]
+    # Outside a routing() context the PR2 router runs exactly the stock router's ops.
+    assert counts["pr2_off"] == counts["stock"], counts
+    # Megatron's replay gathers instead of top-k: same op count give or take one.
+    assert abs(counts["megatron_replay"]["compute_ops"] - counts["stock"]["compute_ops"]) <= 2
+    # Telemetry adds work to replay; it must never remove any.
+    assert counts["pr2_replay+tel"]["compute_ops"] > counts["pr2_replay"]["compute_ops"]
+
+
+def test_bench_storage(tmp_path):
+    stdout, results = _run(["benchmarks/bench_storage.py"], tmp_path, "storage")
+    check = results["real_record_check"]
+    assert check["ok"], check
+    rows = {(r["experts"], r["topk"]): r for r in results["bytes_per_token_layer"]}
+    # 7 bits per id for 128 experts: top-8 packs into 7 bytes per token per layer.
+    assert rows[(128, 8)]["routebatch"] == pytest.approx(7.0)
+    assert rows[(256, 8)]["routebatch"] == pytest.approx(8.0)
+    for layout in results["layouts"]:
+        step = layout["routes"]["step_bytes_per_rank"]
+        assert 0 < step["sharded"] < step["dp_bcast"] < step["bcast"]
+        stages = layout["routes"]["moe_layers_per_stage"]
+        assert (
+            sum(stages)
+            == layout["routes"]["layout"]["num_layers"] - layout["routes"]["layout"]["first_dense"]
+        )
+        assert 0 < layout["cache"]["cache_over_activation_per_layer"] < 1
+    assert "per step per rank" in stdout and "predictor cache" in stdout
