@@ -16,6 +16,7 @@
 #   layer      MoELayer forward + backward
 #   router     router forward + backward alone (where PR2 adds its work)
 #   layer_fwd  MoELayer forward under no_grad (the old-policy / record pass of RL)
+#   router_fwd router forward alone under no_grad
 #
 # Shapes: hidden states [S, B, H] (sequence-major, Megatron convention); router tokens T = S * B;
 # probs [T, E]. fp32 on CPU, bf16 params with an fp32 router on CUDA (--dtype to override).
@@ -112,7 +113,7 @@ RATIOS = (
     ("pr2_off / stock", "pr2_off", "stock", None),
 )
 
-PARTS = ("layer", "router", "layer_fwd")
+PARTS = ("layer", "router", "layer_fwd", "router_fwd")
 
 
 def make_config(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str, **overrides):
@@ -335,6 +336,13 @@ class Bench:
                     probs.backward(grad_probs.to(probs.dtype))
                     post(handle)
 
+        elif part == "router_fwd":
+
+            def run():
+                with torch.no_grad(), context() as handle:
+                    layer.router(x)
+                    post(handle)
+
         elif part == "layer_fwd":
 
             def run():
@@ -420,23 +428,25 @@ def count_ops(run: Callable[[], None], between: Callable[[], None]) -> Dict[str,
     return dict(compute_ops=len(leaves), host_syncs=len(syncs))
 
 
-def derived_layer_ratios(entry: dict) -> Dict[str, float]:
-    """Layer ratio estimated as 1 + (router delta) / (stock layer time).
+def derived_layer_ratios(entry: dict, router_part: str, layer_part: str) -> Dict[str, float]:
+    """Layer ratio estimated as 1 + (router delta) / (layer time of the denominator).
 
     Variants share experts, dispatcher and input and produce the same routing_map, so their
     layer times differ only by their router time; the router-alone delta (median of paired
-    per-round differences) is far less noisy than the difference of two layer timings.
+    per-round differences) is far less noisy than the difference of two layer timings. A
+    denominator without its own layer timing uses the stock layer time (same experts).
     """
     parts = entry["parts"]
-    if "router" not in parts or "layer" not in parts:
+    if router_part not in parts or layer_part not in parts:
         return {}
-    raw = parts["router"]["raw_ms"]
-    layer_ms = {name: s["median"] for name, s in parts["layer"]["times_ms"].items()}
+    raw = parts[router_part]["raw_ms"]
+    layer_ms = {name: s["median"] for name, s in parts[layer_part]["times_ms"].items()}
     out = {}
     for label, num, den, _ in RATIOS:
-        if num in raw and den in raw and den in layer_ms:
+        base = layer_ms.get(den, layer_ms.get("stock"))
+        if num in raw and den in raw and base:
             delta = Stats.of([a - b for a, b in zip(raw[num], raw[den])]).median
-            out[label] = 1.0 + delta / layer_ms[den]
+            out[label] = 1.0 + delta / base
     return out
 
 
@@ -495,6 +505,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--parts", default="layer,router", help=f"comma list of {PARTS}")
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument(
+        "--layer-variants",
+        default=None,
+        help="variants of the layer / layer_fwd parts (default: --variants); the derived layer "
+        "ratios cover every router variant",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (layer)")
     parser.add_argument("--router-repeats", type=int, default=None, help="timed rounds (router)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -546,6 +562,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     import megatron.core
 
     variants = [v for v in args.variants.split(",") if v]
+    layer_variants = variants
+    if args.layer_variants:
+        layer_variants = [v for v in args.layer_variants.split(",") if v]
     parts = [p for p in args.parts.split(",") if p]
     for part in parts:
         if part not in PARTS:
@@ -577,19 +596,24 @@ def main(argv: Optional[List[str]] = None) -> dict:
         )
         entry = dict(shape=dataclasses.asdict(shape), cached_tokens=bench.cached_tokens, parts={})
         for part in parts:
-            jobs = {name: bench.job(name, part) for name in variants}
+            names = variants if part.startswith("router") else layer_variants
+            jobs = {name: bench.job(name, part) for name in names}
             repeats = args.router_repeats if part == "router" else args.repeats
             times = run_interleaved(jobs, timer, repeats, args.warmup, bench.zero_grads)
-            summary = summarize(times, variants)
+            summary = summarize(times, names)
             summary["raw_ms"] = times
             entry["parts"][part] = summary
             print_part(shape.name, part, summary)
-        derived = derived_layer_ratios(entry)
-        if derived:
-            entry["derived_layer_ratios"] = derived
-            print(f"[{shape.name}] layer ratio derived from the router delta (1 + d_router/layer)")
-            for label, value in derived.items():
-                print(f"  {label:34s} {value:.4f}")
+        for router_part, layer_part in (("router", "layer"), ("router_fwd", "layer_fwd")):
+            derived = derived_layer_ratios(entry, router_part, layer_part)
+            if derived:
+                entry[f"derived_{layer_part}_ratios"] = derived
+                print(
+                    f"[{shape.name}] {layer_part} ratio derived from the {router_part} delta "
+                    f"(1 + d_router / layer)"
+                )
+                for label, value in derived.items():
+                    print(f"  {label:34s} {value:.4f}")
         if args.count_ops:
             counts = {}
             print(f"[{shape.name}] router fwd+bwd: compute ops and host syncs per call")

@@ -48,7 +48,7 @@ def router_run(tmp_path_factory):
             "--threads",
             "1",
             "--parts",
-            "layer,router,layer_fwd",
+            "layer,router,layer_fwd,router_fwd",
         ],
         tmp_path_factory.mktemp("router"),
         "router",
@@ -60,12 +60,12 @@ TARGET_RATIOS = ("predict_record / stock", "replay+ploss / stock", "pr2 replay /
 
 def test_bench_router_prints_ratios(router_run):
     stdout, _ = router_run
-    for part in ("layer", "router", "layer_fwd"):
+    for part in ("layer", "router", "layer_fwd", "router_fwd"):
         assert f"] {part}: paired per-round ratios" in stdout, stdout
     for label in TARGET_RATIOS:
         lines = [line for line in stdout.splitlines() if line.strip().startswith(label)]
-        # One line per timed part, plus one in the derived layer-ratio table.
-        assert len(lines) == 4, (label, lines)
+        # One line per timed part, plus one per derived layer-ratio table.
+        assert len(lines) == 6, (label, lines)
         for line in lines:
             float(line.split()[len(label.split())])  # the ratio right after the label
 
@@ -74,7 +74,7 @@ def test_bench_router_json(router_run):
     _, results = router_run
     (entry,) = results["shapes"].values()
     assert entry["shape"]["tokens"] == 128 and entry["cached_tokens"] > 0
-    for part in ("layer", "router", "layer_fwd"):
+    for part in ("layer", "router", "layer_fwd", "router_fwd"):
         summary = entry["parts"][part]
         assert set(summary["times_ms"]) >= {"stock", "megatron_replay", "pr2_replay_ploss+tel"}
         for stats in summary["times_ms"].values():
@@ -85,6 +85,7 @@ def test_bench_router_json(router_run):
             assert ratio["target"] is not None
     for label in TARGET_RATIOS:
         assert math.isfinite(entry["derived_layer_ratios"][label])
+        assert math.isfinite(entry["derived_layer_fwd_ratios"][label])
     counts = entry["op_counts"]
     # Outside a routing() context the PR2 router runs exactly the stock router's ops.
     assert counts["pr2_off"] == counts["stock"], counts
