@@ -10,10 +10,12 @@
 
 import contextlib
 import datetime
+import functools
 import io
 import multiprocessing
 import os
 import queue
+import re
 import socket
 import sys
 import time
@@ -333,6 +335,8 @@ def build_moe_layer(
             pg_collection=pg_collection,
         )
     spec = submodules if submodules is not None else moe_layer_spec(config)
+    if isinstance(spec, functools.partial):  # 0.19 spec form; build_module wants a ModuleSpec
+        return spec(config=config, layer_number=layer_number, pg_collection=pg_collection)
     return build_module(spec, config=config, layer_number=layer_number, pg_collection=pg_collection)
 
 
@@ -374,3 +378,98 @@ def build_tiny_gpt(
         post_process=post_process,
         **gpt_kwargs,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference comparisons: full (single-rank layout) tensors <-> this rank's shards.
+# ---------------------------------------------------------------------------------------------
+_LOCAL_EXPERT = re.compile(r"(^|\.)local_experts\.(\d+)\.")
+_DECODER_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def _is_expert_param_name(name: str) -> bool:
+    return ".experts." in f".{name}"
+
+
+def reference_name(model: torch.nn.Module, local_name: str, pg_collection: Any) -> str:
+    """Name of parameter `local_name` of this rank's model in the full single-rank model.
+
+    Maps local expert i to global expert ep_rank * num_local_experts + i, and (for models with a
+    `decoder` TransformerBlock) local layer i to the global layer `layer_number - 1`, so pipeline
+    stages map onto the full model's layer order.
+    """
+    name = local_name
+    match = _LOCAL_EXPERT.search(name)
+    if match is not None:
+        config = model.config
+        num_local = config.num_moe_experts // pg_collection.ep.size()
+        global_expert = pg_collection.ep.rank() * num_local + int(match.group(2))
+        name = name[: match.start(2)] + str(global_expert) + name[match.end(2) :]
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None and name.startswith("decoder."):
+        match = _DECODER_LAYER.search(name)
+        if match is not None:
+            layer_number = decoder.layers[int(match.group(2))].layer_number
+            name = name[: match.start(2)] + str(layer_number - 1) + name[match.end(2) :]
+    return name
+
+
+def shard_reference(
+    model: torch.nn.Module, local_name: str, full: torch.Tensor, pg_collection: Any
+) -> torch.Tensor:
+    """This rank's shard of the full tensor `full` for parameter `local_name`.
+
+    Tensor-parallel params (`tensor_model_parallel`) are split along `partition_dim` in
+    contiguous chunks over the expert-TP group (expert params) or the TP group (dense params);
+    everything else is replicated. Contiguous chunks are exact for Megatron's layouts used here
+    (QKV grouped per query group, non-gated MLPs); gated (GLU) fc1 would need interleaving.
+    """
+    param = dict(model.named_parameters())[local_name]
+    if getattr(param, "tensor_model_parallel", False):
+        group = pg_collection.expt_tp if _is_expert_param_name(local_name) else pg_collection.tp
+        full = full.chunk(group.size(), dim=param.partition_dim)[group.rank()]
+    assert full.shape == param.shape, f"{local_name}: shard {full.shape} vs param {param.shape}"
+    return full
+
+
+@torch.no_grad()
+def load_reference_weights(
+    model: torch.nn.Module, full_state: Dict[str, torch.Tensor], pg_collection: Any
+) -> Dict[str, str]:
+    """Copy this rank's shards of a full single-rank state (name -> tensor) into `model`.
+
+    Returns local name -> reference name for every parameter (all must be found).
+    """
+    names = {}
+    for local_name, param in model.named_parameters():
+        ref_name = reference_name(model, local_name, pg_collection)
+        assert ref_name in full_state, f"{local_name} -> {ref_name} missing in reference state"
+        param.copy_(shard_reference(model, local_name, full_state[ref_name], pg_collection))
+        names[local_name] = ref_name
+    return names
+
+
+def allreduce_grads_like_ddp(model: torch.nn.Module, pg_collection: Any) -> None:
+    """Sum `.grad` over the ranks that saw other tokens, as Megatron DDP + finalize would.
+
+    Expert params (`allreduce` False) over the expert-data-parallel group, others over the
+    data-parallel group (with CP); params tagged `sequence_parallel` also over TP. Sums, not
+    averages: compare with a reference loss summed over the whole global batch.
+    """
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        if getattr(param, "allreduce", True):
+            torch.distributed.all_reduce(param.grad, group=pg_collection.dp_cp)
+        else:
+            torch.distributed.all_reduce(param.grad, group=pg_collection.expt_dp)
+        if getattr(param, "sequence_parallel", False):
+            torch.distributed.all_reduce(param.grad, group=pg_collection.tp)
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 when both are all zero)."""
+    assert actual.shape == expected.shape, f"{actual.shape} vs {expected.shape}"
+    scale = expected.abs().max().item()
+    diff = (actual.double() - expected.double()).abs().max().item()
+    return diff / scale if scale > 0 else diff
