@@ -138,6 +138,7 @@ def routes_from_engine(
     pad_value: Optional[int] = -1,
     layer_columns: Optional[Sequence[int]] = None,
     cu_seqlens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+    packed_rows: int = 1,
 ) -> RouteBatch:
     """Assemble a canonical RouteBatch from per-sequence inference-engine routes.
 
@@ -146,7 +147,7 @@ def routes_from_engine(
             bytes/str of the flat array); n_b <= seq_length (usually tokens_b - 1).
         num_experts: E; every id must be in [0, E).
         seq_length: S, the canonical row stride of one sequence (the trainer's padded length).
-            With `cu_seqlens` it is the length of the single packed row instead.
+            With `cu_seqlens` it is the length of one row of the packed input.
         dtype: wire dtype of base64 data (default int32); for arrays, overrides the dtype used
             to interpret `pad_value` (e.g. int32 data that holds uint8 semantics).
         base64_shape: shape of base64 data: (L, k) (tokens inferred), (n, L, k) (-1 allowed for
@@ -155,12 +156,16 @@ def routes_from_engine(
             A (token, layer) is missing when all k slots hold it; some but not all is an error.
         layer_columns: engine layer columns to keep, in global MoE-layer order (for engines that
             report every transformer layer and pad dense layers).
-        cu_seqlens: packed THD input: sequence b starts at row cu_seqlens[b] of one packed
-            row of `seq_length` tokens (pass the padded offsets for padded THD); its routes must
-            fit before cu_seqlens[b + 1].
+        cu_seqlens: packed THD input: sequence b starts at row cu_seqlens[b] of the packed
+            stream of packed_rows * seq_length tokens (pass the padded offsets for padded THD);
+            its routes must fit before cu_seqlens[b + 1]. Same convention as
+            sharding.layout_for_rank(batch_size=packed_rows, seq_length, cu_seqlens=...).
+        packed_rows: with cu_seqlens, how many rows of seq_length the packed stream spans
+            (megatron-core 0.19 concatenates a micro-batch's rows into one); default 1.
 
     Returns:
-        RouteBatch with indices [B * S, L, k] (THD: [seq_length, L, k]), unrouted rows missing.
+        RouteBatch with indices [B * S, L, k] (THD: [packed_rows * S, L, k]), unrouted rows
+        missing, seq_length=S.
     """
     if num_experts < 1:
         raise ValueError(f"routes_from_engine: num_experts={num_experts} must be >= 1")
@@ -181,14 +186,16 @@ def routes_from_engine(
             raise ValueError(
                 f"routes_from_engine: cu_seqlens={starts.tolist()} must start at 0 and not decrease"
             )
-        if int(starts[-1]) > seq_length:
+        if packed_rows < 1:
+            raise ValueError(f"routes_from_engine: packed_rows={packed_rows} must be >= 1")
+        total = packed_rows * seq_length
+        if int(starts[-1]) > total:
             raise ValueError(
-                f"routes_from_engine: cu_seqlens[-1]={int(starts[-1])} exceeds the packed "
-                f"seq_length={seq_length}"
+                f"routes_from_engine: cu_seqlens[-1]={int(starts[-1])} exceeds the packed stream "
+                f"of packed_rows * seq_length={total} tokens"
             )
         capacity = (starts[1:] - starts[:-1]).tolist()
         offsets = starts[:-1].tolist()
-        total = seq_length
     else:
         capacity = [seq_length] * num_seqs
         offsets = [b * seq_length for b in range(num_seqs)]

@@ -711,3 +711,48 @@ def _rank_thd_cp2():
 def test_thd_cp2_two_ranks() -> None:
     tokens = run_distributed(_rank_thd_cp2, 2, timeout=120)
     assert tokens == [[0, 3, 4, 5, 10, 11, 12, 15], [1, 2, 6, 7, 8, 9, 13, 14]]
+
+
+@pytest.mark.parametrize("thd", [False, True])
+def test_engine_routes_same_expert_under_every_layout(thd) -> None:
+    """R3: routes imported from an engine reach every router row of every layout unchanged."""
+    import numpy as np
+
+    from megatron_pr2.wire import routes_from_engine
+
+    B, S, L, k, E = 2, 16, 2, 2, 8
+    rng = np.random.default_rng(0)
+    lengths = [15, 9]
+    arrays = [np.argsort(rng.random((n, L, E)), -1)[..., :k].astype(np.int32) for n in lengths]
+    if thd:
+        cu = [0, 16, 32]  # one sequence per row, packed into one stream (0.19 flattening)
+        routes = routes_from_engine(arrays, E, S, cu_seqlens=cu, packed_rows=B)
+    else:
+        cu = None
+        routes = routes_from_engine(arrays, E, S)
+
+    def expert(token):
+        b, s = divmod(int(token), S)
+        return arrays[b][s] if s < lengths[b] else None
+
+    for cp, tp in ((1, 1), (2, 1), (2, 2), (4, 2)):
+        for c in range(cp):
+            for t in range(tp):
+                layout = layout_for_rank(
+                    B,
+                    S,
+                    cp_rank=c,
+                    cp_size=cp,
+                    tp_rank=t,
+                    tp_size=tp,
+                    sequence_parallel=True,
+                    cu_seqlens=cu,
+                )
+                local = shard_routes(routes, layout, [1])
+                for row, token in enumerate(layout.token_index.tolist()):
+                    want = expert(token)
+                    got = local.indices[row, 0]
+                    if want is None:
+                        assert bool((got == -1).all())
+                    else:
+                        assert got.tolist() == want[1].tolist()

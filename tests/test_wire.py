@@ -128,6 +128,12 @@ def test_layer_columns_and_thd() -> None:
     )
     back = routes_to_engine(packed, [3, 5], cu_seqlens=cu)
     assert all(np.array_equal(t.numpy(), s) for t, s in zip(back, seqs))
+    # two rows of 6 packed into one stream (megatron-core 0.19 flattening): seq_length stays 6
+    flat = routes_from_engine(seqs, E, 6, cu_seqlens=cu, packed_rows=2)
+    assert flat.seq_length == 6 and flat.num_tokens == 12
+    assert torch.equal(flat.indices, packed.indices)
+    with pytest.raises(ValueError, match="exceeds the packed stream"):
+        routes_from_engine(seqs, E, 6, cu_seqlens=cu)
     with pytest.raises(ValueError, match="more than its 4 rows"):
         routes_from_engine([seqs[1], seqs[0]], E, 12, cu_seqlens=cu)
 
