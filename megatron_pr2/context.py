@@ -20,8 +20,9 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron_pr2.config import stride_for
 from megatron_pr2.predictor import predictor_loss
 from megatron_pr2.profiling import pr2_range
-from megatron_pr2.router import PR2Router, _TopKOverride, num_moe_layers
+from megatron_pr2.router import PR2Router, _TopKOverride
 from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.sharding import moe_layer_pattern
 
 MODES = ("off", "record", "predict_record", "replay")
 METRIC_NAMES = (
@@ -360,7 +361,7 @@ class RoutingSession:
         routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
         layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
         config = routers[0].config
-        all_layers = torch.equal(layer_ids, torch.arange(num_moe_layers(config)))
+        all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
         out = []
         for microbatch in range(self.states[id(routers[0])].forward_calls):
             records = [self.states[id(r)].recorded[microbatch] for r in routers]

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_pr2.config import PR2Config
 from megatron_pr2.predictor import build_predictor
 from megatron_pr2.profiling import pr2_range
+from megatron_pr2.sharding import global_moe_layer_id
 
 
 class _TopKOverride:
@@ -48,28 +49,6 @@ class _TopKOverride:
             return values, self.top_indices
         self.top_indices = self.target
         return scores.gather(1, self.target), self.target
-
-
-def global_moe_layer_id(config: TransformerConfig, layer_number: int) -> int:
-    """0-based index among MoE layers of Megatron's global 1-based `layer_number`."""
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        pattern = [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
-    else:
-        pattern = list(freq)
-    if not 1 <= layer_number <= len(pattern) or not pattern[layer_number - 1]:
-        raise ValueError(
-            f"layer_number={layer_number} is not an MoE layer of moe_layer_freq={freq}"
-        )
-    return sum(pattern[: layer_number - 1])
-
-
-def num_moe_layers(config: TransformerConfig) -> int:
-    """Number of MoE layers of the whole model (all pipeline stages)."""
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return len(range(0, config.num_layers, freq))
-    return sum(freq)
 
 
 class PR2Router(TopKRouter):
