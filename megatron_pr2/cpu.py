@@ -396,6 +396,43 @@ class _RngForkWarningFilter(logging.Filter):
         return _RNG_FORK_WARNING not in record.getMessage()
 
 
+def _compiled_original(value: Any) -> Optional[Callable]:
+    """The eager function behind a torch.compile'd function (or staticmethod), else None."""
+    if isinstance(value, staticmethod):
+        original = _compiled_original(value.__func__)
+        return staticmethod(original) if original is not None else None
+    if isinstance(value, types.FunctionType):
+        return getattr(value, "_torchdynamo_orig_callable", None)
+    return None
+
+
+def _run_jit_fused_functions_eagerly() -> None:
+    """Make Megatron's `@jit_fuser` (torch.compile) helpers run eagerly in CPU mode.
+
+    Not a CUDA-only spot but a cost one: inductor's CPU C++ build of e.g.
+    TopKRouter._apply_expert_bias (expert-bias routing) or the bias-dropout fusions costs about a
+    minute per process on a 2-core machine, in every spawned rank. These helpers are small
+    elementwise fusions whose eager form is the reference semantics. Already-imported megatron
+    functions/methods are swapped for the original callable kept by torch.compile; modules
+    imported later get megatron's own no-op `jit_fuser`.
+    """
+    from megatron.core import jit
+
+    _set(jit, "jit_fuser", jit.noop_decorator)
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith("megatron.core"):
+            continue
+        for name, value in list(vars(module).items()):
+            original = _compiled_original(value)
+            if original is not None:
+                _set(module, name, original)
+            elif isinstance(value, type) and value.__module__ == module_name:
+                for attr, member in list(vars(value).items()):
+                    original = _compiled_original(member)
+                    if original is not None:
+                        _set(value, attr, original)
+
+
 # ---------------------------------------------------------------------------------------------
 # 0.19: `import megatron.core` needs triton (CPU_NOTES item 10).
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +600,9 @@ def apply_cpu_patches() -> None:
     _set(clip_grads, "clip_grad_by_total_norm_fp32", cpu_clip)
     if "clip_grad_by_total_norm_fp32" in mcore_optimizer.__dict__:
         _set(mcore_optimizer, "clip_grad_by_total_norm_fp32", cpu_clip)
+
+    # Speed, not correctness: torch.compile'd helpers run eagerly (see the function).
+    _run_jit_fused_functions_eagerly()
 
     _APPLIED = True
 

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -37,7 +38,7 @@ _CUDA_ONLY_MARKERS = (
 _CUDA_ONLY_HINT = (
     "A rank hit a CUDA-only code path on a CPU-only machine. Call "
     "megatron_pr2.cpu.apply_cpu_patches() in the rank before importing/building Megatron-Core "
-    "modules (tests.harness.init_megatron_parallel does this)."
+    "modules (harness.init_megatron_parallel in tests/harness.py does this)."
 )
 
 
@@ -56,6 +57,18 @@ def _serialize(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
+
+
+def _silence_known_rank_warnings() -> None:
+    # Known, expected CPU-mode warnings, repeated by every rank: they would bury a real error
+    # in the captured output of a failing test.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    for message in (
+        ".*Apex is not installed.*",
+        ".*Transformer Engine and Apex are not installed.*",
+        ".*`sequence_parallel` is set to `True`, but tensor model parallel size is 1.*",
+    ):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def _rank_main(
@@ -78,6 +91,7 @@ def _rank_main(
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    _silence_known_rank_warnings()
     try:
         torch.distributed.init_process_group(
             "gloo",
