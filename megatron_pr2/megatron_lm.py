@@ -507,7 +507,11 @@ def pr2_router_scope(pr2_config: PR2Config) -> Iterator[None]:
 
 
 def _is_spec(obj: Any) -> bool:
-    return not callable(obj) or isinstance(obj, (ModuleSpec, functools.partial))
+    # A spec: ModuleSpec, a spec dataclass, or functools.partial of a module class (0.17+ MoE
+    # form). A partial of a function is a provider (Megatron-LM: partial(model_provider, builder)).
+    if isinstance(obj, functools.partial):
+        return isinstance(obj.func, type)
+    return not callable(obj) or isinstance(obj, ModuleSpec)
 
 
 def _call_spec_fn(spec_fn: Callable, config: Any, vp_stage: Optional[int]) -> Any:

@@ -8,7 +8,11 @@
 # handles (all-gathered) and compared at 1e-6 (float32 tracker tensors).
 
 import importlib.util
+import inspect
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -159,7 +163,7 @@ def _perturb_routers(model, seed):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for router in pr2_routers(model):
-            router.weight.add_(torch.randn(router.weight.shape, generator=generator) * 0.1)
+            router.weight.add_(torch.randn(router.weight.shape, generator=generator) * 0.02)
 
 
 class _Writer:
@@ -424,30 +428,160 @@ def test_predictor_learning_rate_in_megatron_optimizer():
 # ---------------------------------------------------------------------------------------------
 # Runtime patch of the installed megatron.training (0.19.2 wheel) and the source patch
 # ---------------------------------------------------------------------------------------------
-_HOOKS_SCRIPT = r"""
-import argparse, json, sys, torch
-from megatron_pr2.cpu import apply_cpu_patches
-apply_cpu_patches()
-from megatron_pr2 import megatron_lm as m
-m.import_megatron_training()
-import megatron.training.training as training
-from megatron.core.pipeline_parallel import schedules
+MEGATRON_LM_ARGV = [
+    "pretrain_gpt.py",
+    "--num-layers", "2",
+    "--hidden-size", "32",
+    "--ffn-hidden-size", "64",
+    "--num-attention-heads", "4",
+    "--seq-length", str(SEQ),
+    "--max-position-embeddings", str(SEQ),
+    "--micro-batch-size", str(MBS),
+    "--global-batch-size", str(2 * MBS),
+    "--lr", "1e-3",
+    "--min-lr", "1e-4",
+    "--train-iters", "10",
+    "--num-experts", "8",
+    "--moe-router-topk", "2",
+    "--moe-ffn-hidden-size", "64",
+    "--moe-token-dispatcher-type", "alltoall",
+    "--moe-per-layer-logging",
+    "--tokenizer-type", "NullTokenizer",
+    "--vocab-size", str(VOCAB),
+    "--mock-data",
+    "--transformer-impl", "local",
+    "--use-cpu-initialization",
+    "--no-gradient-accumulation-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-persist-layer-norm",
+    "--no-rope-fusion",
+    "--position-embedding-type", "learned_absolute",
+    "--disable-bias-linear",
+    "--pr2-mode", "pr2",
+    "--pr2-alpha", "50",
+    "--pr2-cache-tokens-per-sequence", "-1",
+]  # fmt: skip
 
-stock = {n: getattr(training, n) for n in ("get_forward_backward_func", "get_megatron_optimizer", "training_log")}
-m.install_megatron_lm_hooks()
-m.install_megatron_lm_hooks()  # idempotent
-fbf = training.get_forward_backward_func()
-out = {
-    "wrapped_fbf": isinstance(fbf, m.PR2ForwardBackward),
-    "inner_is_schedule": fbf.forward_backward_func is schedules.forward_backward_no_pipelining,
-    "optimizer_wrapped": training.get_megatron_optimizer is not stock["get_megatron_optimizer"]
-        and training.get_megatron_optimizer.__wrapped__ is stock["get_megatron_optimizer"],
-    "log_wrapped": training.training_log.__wrapped__ is stock["training_log"],
-}
-m.remove_megatron_lm_hooks()
-out["restored"] = all(getattr(training, n) is f for n, f in stock.items())
-print("RESULT" + json.dumps(out))
-"""
+
+class _AnyWriter:
+    """TensorBoard stand-in: records add_scalar, accepts any other call."""
+
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = (float(value), step)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _megatron_training_main():
+    """Runs in a fresh process: Megatron-LM's own args, optimizer, schedule and training_log
+    with the runtime hooks installed. Prints RESULT<json>."""
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    import megatron_pr2.megatron_lm as m
+
+    m.import_megatron_training()
+    import megatron.training.training as training
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.training import global_vars
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_pr2 import PR2Router, pr2_routers
+    from megatron_pr2.arguments import add_pr2_args
+
+    sys.argv = list(MEGATRON_LM_ARGV)
+    args = parse_and_validate_args(extra_args_provider=add_pr2_args)
+    writer = _AnyWriter()
+    global_vars._GLOBAL_TENSORBOARD_WRITER = writer
+    # Megatron-LM's training_log needs CUDA: wrap a stand-in with its exact signature instead.
+    stock = {name: getattr(training, name) for name in m._HOOKED_NAMES}
+    log_calls = []
+
+    def training_log(*a, **k):
+        log_calls.append(inspect.signature(stock["training_log"]).bind(*a, **k).arguments)
+
+    training_log.__signature__ = inspect.signature(stock["training_log"])
+    training.training_log = training_log
+    out = {}
+    with init_megatron_parallel(seed=1):
+        m.install_megatron_lm_hooks()
+        m.install_megatron_lm_hooks()  # idempotent
+        # The spec path of pr2_model_provider: TransformerConfig and sizes from Megatron's args.
+        provider = m.pr2_model_provider(
+            lambda config: get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
+        )
+        model = provider(pre_process=True, post_process=True)
+        routers = pr2_routers(model)
+        out["routers"] = [type(r).__name__ for r in routers]
+        out["router_alpha"] = [r.pr2_config.alpha for r in routers]
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        opt_config, overrides = training.get_megatron_optimizer_config(args)
+        optimizer = training.get_megatron_optimizer(opt_config, [ddp], config_overrides=overrides)
+        training.get_optimizer_param_scheduler(optimizer)
+        predictor_ids = {id(p) for r in routers for p in r.predictor.parameters()}
+        out["groups"] = sorted(
+            (any(id(p) in predictor_ids for p in g["params"]), g["lr"], g["weight_decay"])
+            for g in optimizer.param_groups
+            if g["params"]
+        )
+        fbf = training.get_forward_backward_func()
+        out["wrapped"] = isinstance(fbf, m.PR2ForwardBackward)
+        out["inner"] = fbf.forward_backward_func is schedules.forward_backward_no_pipelining
+        data = _microbatches(1)[:2]
+        kwargs = dict(
+            forward_step_func=_forward_step,
+            num_microbatches=2,
+            seq_length=SEQ,
+            micro_batch_size=MBS,
+        )
+        with m.pr2_step("old_logprob") as step:  # mode from --pr2-mode
+            with torch.no_grad():
+                fbf(model=[ddp], data_iterator=iter(data), forward_only=True, **kwargs)
+        out["recorded"] = len(step.recorded_routes)
+        out["step_mode"] = step.handle.mode
+        _perturb_routers(model, 3)
+        with m.pr2_step("train", routes=step.recorded_routes, ministep=2):
+            fbf(model=[ddp], data_iterator=iter(data), forward_only=False, **kwargs)
+        out["predictor_grad"] = sum(
+            float(p.main_grad.abs().sum()) for r in routers for p in r.predictor.parameters()
+        )
+        training.training_log({}, {}, 1e-3, 7, 1.0, False, 0, None, None, None, None)
+        out["log_calls"] = [c["iteration"] for c in log_calls]
+        out["scalars"] = {k: v for k, v in writer.scalars.items() if "pr2" in k}
+        m.remove_megatron_lm_hooks()
+        out["restored"] = all(
+            getattr(training, n) is f for n, f in stock.items() if n != "training_log"
+        )
+        out["all_pr2"] = all(isinstance(r, PR2Router) for r in routers)
+    print("RESULT" + json.dumps(out))
+
+
+def _run_megatron_training_main():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "tests"), REPO])
+    code = "import test_megatron_lm as t; t._megatron_training_main()"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code, port], env=env, capture_output=True, text=True, timeout=280
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return json.loads(lines[-1][len("RESULT") :])
 
 
 @pytest.mark.skipif(
@@ -455,20 +589,60 @@ print("RESULT" + json.dumps(out))
     reason="megatron-core 0.16.1's wheel has no megatron.training (a Megatron-LM checkout has it)",
 )
 @pytest.mark.timeout(300)
-def test_runtime_hooks_install_on_installed_megatron_training():
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _HOOKS_SCRIPT], env=env, capture_output=True, text=True, timeout=280
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    import json
+def test_runtime_hooks_on_installed_megatron_training():
+    result = _run_megatron_training_main()
+    assert result["routers"] == ["PR2Router", "PR2Router"] and result["all_pr2"]
+    assert result["router_alpha"] == [50.0, 50.0]  # the provider read --pr2-alpha
+    # get_megatron_optimizer (through the hook): predictor at 50 x lr, no weight decay; the
+    # standard groups (decayed matrices, undecayed 1-D) unchanged.
+    assert result["groups"] == [
+        [False, pytest.approx(1e-3), 0.0],
+        [False, pytest.approx(1e-3), 0.01],
+        [True, pytest.approx(50e-3), 0.0],
+    ]
+    assert result["wrapped"] and result["inner"]
+    assert result["recorded"] == 2 and result["step_mode"] == "predict_record"
+    assert result["predictor_grad"] > 0
+    # training_log: the hook reported the train step's metrics, then called through.
+    assert result["log_calls"] == [7]
+    scalars = result["scalars"]
+    assert {f"pr2/{name}" for name in ("route_topk_accuracy", "predictor_loss")} <= set(scalars)
+    assert "moe/pr2/flip_rate_layer_1" in scalars  # --moe-per-layer-logging
+    assert all(step == 7 for _, step in scalars.values())
+    assert 0 < scalars["pr2/route_topk_accuracy"][0] < 1
+    assert result["restored"]
 
-    result = json.loads(lines[-1][len("RESULT") :])
-    assert result == {
-        "wrapped_fbf": True,
-        "inner_is_schedule": True,
-        "optimizer_wrapped": True,
-        "log_wrapped": True,
-        "restored": True,
-    }, result
+
+PATCH = os.path.join(REPO, "patches", "megatron-lm-0.19.2-training-pr2.patch")
+
+
+@pytest.mark.skipif(not HAS_MEGATRON_TRAINING, reason="needs megatron/training/training.py")
+def test_source_patch_applies_and_compiles(tmp_path):
+    import py_compile
+
+    spec = importlib.util.find_spec("megatron.training")
+    source = os.path.join(os.path.dirname(spec.origin), "training.py")
+    target = tmp_path / "megatron" / "training"
+    target.mkdir(parents=True)
+    shutil.copy(source, target / "training.py")
+    with open(PATCH) as f:
+        proc = subprocess.run(
+            ["patch", "-p1", "--forward"], stdin=f, cwd=tmp_path, capture_output=True, text=True
+        )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    py_compile.compile(str(target / "training.py"), doraise=True)
+    patched = (target / "training.py").read_text()
+    for call in (
+        "config_overrides = pr2_optimizer_overrides_from_args(config, config_overrides)",
+        "forward_backward_func = wrap_forward_backward_func(forward_backward_func)",
+        "log_pr2_metrics(iteration)",
+    ):
+        assert call in patched, call
+    assert patched.count("wrap_forward_backward_func(forward_backward_func)") == 2
+    # The hooks the patch calls exist with the arguments it passes.
+    m = _megatron_lm()
+    assert list(inspect.signature(m.pr2_optimizer_overrides_from_args).parameters) == [
+        "optimizer_config",
+        "config_overrides",
+    ]
+    assert callable(m.wrap_forward_backward_func) and callable(m.log_pr2_metrics)
