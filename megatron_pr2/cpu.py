@@ -5,21 +5,26 @@
 # them; nothing here runs on import, and the call is a no-op on a machine where CUDA is available,
 # so GPU behaviour never changes.
 #
-# How it patches (narrowest place that works, all reversible by `_remove_cpu_patches()`):
+# How it patches (narrowest place that works; all undone by `_remove_cpu_patches()`):
 #   * Module attribute `torch` of a listed set of megatron modules is replaced by `_CpuTorch`, a
 #     module object that forwards every attribute to the real torch except `torch.cuda` (a CPU
 #     namespace: current_device() -> cpu, no-op streams/events/synchronize/nvtx, CPU RNG state)
-#     and tensor factories (torch.zeros/empty/tensor/... map device="cuda" to cpu). Global torch
-#     state (torch.cuda, torch.Tensor) is never modified, and unlisted modules are untouched.
-#   * A few megatron functions are replaced by CPU versions where the CUDA dependence is not
-#     reachable through the module's `torch` name (numpy split sizes, string dtype asserts,
-#     uneven gloo collectives, `Tensor.cuda()` calls, an undefined name).
+#     and tensor factories (torch.zeros/empty/tensor/... map device="cuda" to cpu). torch.cuda
+#     itself is never modified, and unlisted modules are untouched.
+#   * A few megatron functions/class attributes are replaced by CPU versions where the CUDA
+#     dependence is not reachable through the module's `torch` name (numpy split sizes, string
+#     dtype asserts, uneven gloo collectives, an undefined name, the SP torch-norm assert).
+#   * `Tensor.cuda` is swapped for identity only while the two megatron functions that call it
+#     run (tied-embedding setup under PP, broadcast_data); torch.Tensor is unchanged otherwise.
+#   * Megatron's torch.compile'd `@jit_fuser` helpers run eagerly (a minute of inductor C++
+#     build per process otherwise), and the RNG tracker's fork warning is filtered (see below).
+#   * 0.19 without triton: one megatron file that imports triton unconditionally is loaded
+#     against a stub that is visible only while that file executes.
 # Shapes: none; this file moves no model data.
 
 import contextlib
 import functools
 import importlib
-import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -36,7 +41,7 @@ _APPLIED = False
 _PATCHES: List[Tuple[Any, str, Any]] = []
 _MISSING = object()
 
-# Message of the CPU-RNG consistency check in CudaRNGStatesTracker.fork(); see _RngWarningFilter.
+# Message of the CPU-RNG consistency check in CudaRNGStatesTracker.fork(); see _RngForkWarningFilter.
 _RNG_FORK_WARNING = "CPU RNG state changed within GPU RNG context"
 
 # Megatron modules whose `torch` attribute is replaced by _CpuTorch, with the CUDA-only spots each
@@ -282,8 +287,10 @@ def _make_cpu_gather_along_first_dim(original: Callable) -> Callable:
 def _make_cpu_reduce_scatter_along_first_dim(original: Callable) -> Callable:
     """Uneven reduce-scatter (input_split_sizes) as all_reduce + slice of this rank's split.
 
-    gloo has no reduce_scatter in older torch and none for uneven splits in general
-    (CPU_NOTES item 7); all_reduce + slice gives the same sums.
+    gloo implemented no reduce_scatter in older torch releases (CPU_NOTES item 7; setup.py allows
+    torch >= 2.6). torch 2.13's gloo does handle uneven reduce_scatter (checked: ETP2 layouts
+    pass without this wrapper), so here it only pins a version-independent, exact path:
+    all_reduce + slice gives the same sums.
     """
 
     @functools.wraps(original)

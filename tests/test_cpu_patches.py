@@ -130,6 +130,6 @@ def test_harness_reports_failing_rank_and_does_not_hang() -> None:
 
 def test_harness_times_out_hung_ranks() -> None:
     start = time.monotonic()
-    with pytest.raises(DistributedTestError, match="TIMEOUT after 20"):
-        run_distributed(_sleep_forever, 2, timeout=20)
-    assert time.monotonic() - start < 60
+    with pytest.raises(DistributedTestError, match="TIMEOUT after 10"):
+        run_distributed(_sleep_forever, 2, timeout=10)
+    assert time.monotonic() - start < 45
