@@ -175,6 +175,7 @@ class _Writer:
 
 
 def _rank_pipeline_hooks():
+    _megatron_lm()  # CPU patches before the first megatron-core import of this rank
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -366,6 +367,8 @@ def test_pipeline_route_feeding_and_metrics_pp2_dp2():
 # ---------------------------------------------------------------------------------------------
 def _rank_optimizer():
     import argparse
+
+    _megatron_lm()  # CPU patches before the first megatron-core import of this rank
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
