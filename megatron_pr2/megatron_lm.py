@@ -326,8 +326,17 @@ def pr2_track_names() -> List[str]:
     return [n for m in METRIC_NAMES for n in (tracker_name(m), _measured_name(m))]
 
 
-def moe_layer_numbers(num_layers: int, moe_layer_freq: Union[int, Sequence[int]] = 1) -> List[int]:
-    """1-based transformer layer numbers of the MoE layers, indexed by global MoE-layer id."""
+def moe_layer_numbers(
+    num_layers: int,
+    moe_layer_freq: Union[int, Sequence[int]] = 1,
+    mtp_num_layers: Optional[int] = None,
+) -> List[int]:
+    """1-based transformer layer numbers of the MoE layers, indexed by global MoE-layer id.
+
+    Multi-token-prediction layers follow the decoder (layer number num_layers + j, MoE-layer id
+    after the decoder's), as Megatron numbers them and megatron_pr2.sharding counts them.
+    """
+    mtp = [num_layers + j for j in range(1, (mtp_num_layers or 0) + 1)]
     if isinstance(moe_layer_freq, int):
         pattern = [1 if i % moe_layer_freq == 0 else 0 for i in range(num_layers)]
     else:
@@ -336,7 +345,7 @@ def moe_layer_numbers(num_layers: int, moe_layer_freq: Union[int, Sequence[int]]
             raise ValueError(
                 f"moe_layer_freq has {len(pattern)} entries for num_layers={num_layers}"
             )
-    return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
+    return [i + 1 for i, is_moe in enumerate(pattern) if is_moe] + mtp
 
 
 def _metrics_device() -> torch.device:
@@ -371,7 +380,7 @@ def save_pr2_metrics(
         reduce_group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
     size = num_layers + (mtp_num_layers or 0)
     device = _metrics_device()
-    layer_numbers = moe_layer_numbers(num_layers, moe_layer_freq)
+    layer_numbers = moe_layer_numbers(num_layers, moe_layer_freq, mtp_num_layers)
     metrics: Dict[str, torch.Tensor] = {}
     layer_ids: List[int] = []
     if handle is not None and handle.mode == "replay":

@@ -61,6 +61,7 @@ def test_layer_numbers_and_split_routes():
     m = _megatron_lm()
     assert m.moe_layer_numbers(4, MOE_LAYER_FREQ) == [3, 4]
     assert m.moe_layer_numbers(6, 2) == [1, 3, 5]
+    assert m.moe_layer_numbers(4, MOE_LAYER_FREQ, mtp_num_layers=2) == [3, 4, 5, 6]
     with pytest.raises(ValueError, match="moe_layer_freq has 3 entries"):
         m.moe_layer_numbers(4, [1, 1, 1])
     assert m.split_routes(list("abcdef"), 3) == [list("abc"), list("def")]
