@@ -113,3 +113,51 @@ def test_bench_storage(tmp_path):
         )
         assert 0 < layout["cache"]["cache_over_activation_per_layer"] < 1
     assert "per step per rank" in stdout and "predictor cache" in stdout
+
+
+def test_bench_host(tmp_path):
+    stdout, results = _run(
+        [
+            "-m",
+            "benchmarks.bench_host",
+            "--layers",
+            "1,2",
+            "--tokens",
+            "256",
+            "--experts",
+            "8",
+            "--topk",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        tmp_path,
+        "host",
+    )
+    assert [run["layers"] for run in results["runs"]] == [1, 2]
+    for run in results["runs"]:
+        for key in ("enter", "first", "exit", "megatron", "stock", "pr2_total"):
+            assert math.isfinite(run[key]) and run[key] >= 0, (key, run)
+        assert run["megatron_total"] == pytest.approx(run["layers"] * run["megatron"])
+    assert math.isfinite(results["runs"][1]["rest"])
+    assert "PR2 extra" in stdout
+
+
+def test_report_renders_router_results(router_run, tmp_path):
+    _, results = router_run
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(results))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(path)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for label in TARGET_RATIOS:
+        assert f"| {label} (" in proc.stdout, proc.stdout
+    assert "| variant | compute ops" in proc.stdout
