@@ -174,7 +174,7 @@ def build_layer(spec, config):
     else:
         layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
     layer.set_layer_number(1)
-    if torch.cuda.is_available() and config.params_dtype != torch.float64:
+    if torch.cuda.is_available():
         # As Megatron's get_model does (model.cuda()): PR2's predictor is created on the CPU.
         layer.cuda(torch.cuda.current_device())
     layer.train()
