@@ -10,6 +10,7 @@
 # backward passes of one model chunk in forward order. All state lives on the session object the
 # context hands to the model's routers and drops on exit.
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
@@ -17,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
-from megatron_pr2.config import stride_for
+from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.predictor import predictor_loss
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.router import PR2Router, _TopKOverride
@@ -92,6 +93,15 @@ class _LocalRoutes:
     cache_rows: Optional[torch.Tensor] = None  # [C_local] router rows of cached tokens
     cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
     cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
+    has_missing: bool = False  # some (token, layer) has no route (fallback policy only)
+
+    def to(self, device: torch.device) -> "_LocalRoutes":
+        """Move every tensor to `device` once per microbatch (not once per layer)."""
+        for name in ("indices", "dropped", "cache_rows", "cache_hidden", "cache_logits"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device, non_blocking=True))
+        return self
 
 
 @dataclass
@@ -99,11 +109,13 @@ class _RouterState:
     forward_calls: int = 0
     recompute_calls: int = 0
     recorded: List[_Recorded] = field(default_factory=list)
-    sums: Dict[str, float] = field(default_factory=dict)
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
     counts: Dict[str, int] = field(default_factory=dict)
 
-    def add(self, name: str, value: torch.Tensor, count: int = 1) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(value) * count
+    def add(self, name: str, value: torch.Tensor, count: int) -> None:
+        # Device tensors accumulate without a host sync; metrics() converts once at the end.
+        value = value.detach().double() * count
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.counts[name] = self.counts.get(name, 0) + count
 
 
@@ -177,7 +189,7 @@ class RoutingSession:
             dropped=None if dropped is None else dropped[rows],
             columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
         )
-        _check_routes(local.indices, microbatch, router.pr2_config.missing_route_policy)
+        local.has_missing = _check_missing(batch, microbatch, router.pr2_config)
         if batch.cache is not None:
             position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
             position[layout.token_index] = torch.arange(layout.token_index.numel())
@@ -228,7 +240,7 @@ class RoutingSession:
                     "without sequence parallelism they route the same tokens and must replay "
                     "identical routes"
                 )
-        self._local[microbatch] = local
+        self._local[microbatch] = local.to(hidden.device)
 
     # -- the router hook -------------------------------------------------------------------------
     def route(self, router: PR2Router, hidden, logits, padding_mask):
@@ -285,54 +297,54 @@ class RoutingSession:
     def _replay(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
         local = self._local[microbatch]
         column = local.columns[router.moe_layer_id]
-        target = local.indices[:, column].to(logits.device)
+        target = local.indices[:, column]
         flat_logits = logits.reshape(-1, logits.shape[-1])
         live = None
-        if bool((target < 0).any()):
+        if local.has_missing:
             # missing_route_policy="fallback" (bind rejected missing routes otherwise).
             live = live_topk(router, flat_logits)
             target = torch.where(target < 0, live, target)
-        dropped = None if local.dropped is None else local.dropped[:, column].to(logits.device)
+        dropped = None if local.dropped is None else local.dropped[:, column]
         probs, routing_map, _, _ = router.route(logits, padding_mask, target, dropped)
 
+        config = router.pr2_config
         cached = local.cache_rows is not None and local.cache_rows.numel() > 0
+        train_predictor = cached and self.ministep >= config.loss_start_ministep
+        telemetry = config.telemetry and not recompute
         loss = None
-        if cached:
-            old_hidden = local.cache_hidden[:, column].to(logits.device)
-            old_logits = local.cache_logits[:, column].to(logits.device)
-            live_cached = flat_logits[local.cache_rows.to(logits.device)].detach()
-            offset = router.predictor_offset(old_hidden)
-            loss = predictor_loss(router.pr2_config.loss, live_cached, old_logits, offset)
+        if cached and (train_predictor or telemetry):
+            old_hidden = local.cache_hidden[:, column]
+            old_logits = local.cache_logits[:, column]
+            live_cached = flat_logits[local.cache_rows].detach()
+            # Before loss_start_ministep the loss is only reported: no graph for it.
+            with torch.set_grad_enabled(train_predictor and torch.is_grad_enabled()):
+                offset = router.predictor_offset(old_hidden)
+                loss = predictor_loss(config.loss, live_cached, old_logits, offset)
         if router.training and torch.is_grad_enabled():
-            if loss is not None and self.ministep >= router.pr2_config.loss_start_ministep:
+            if train_predictor:
                 probs = router.attach_predictor_loss(probs, loss)
             else:
                 probs = router.attach_zero_predictor_grad(probs)
 
-        if router.pr2_config.telemetry and not recompute:
+        if telemetry:
             with torch.no_grad():
                 if live is None:
                     live = live_topk(router, flat_logits)
                 overlap = topk_overlap(target, live)
-                state.add("route_topk_accuracy", overlap.float().mean() / router.topk, len(overlap))
-                state.add("flip_rate", (overlap < router.topk).float().mean(), len(overlap))
+                tokens = len(overlap)
+                state.add("route_topk_accuracy", overlap.float().mean() / router.topk, tokens)
+                state.add("flip_rate", (overlap < router.topk).float().mean(), tokens)
                 if cached:
-                    live_cached_top = live_topk(router, live_cached)
+                    live_top = live_topk(router, live_cached)
                     r2_top = live_topk(router, old_logits)
                     predicted_top = live_topk(router, old_logits + offset.detach())
-                    n = len(live_cached_top)
-                    state.add(
-                        "r2_topk_accuracy",
-                        topk_overlap(r2_top, live_cached_top).float().mean() / router.topk,
-                        n,
-                    )
-                    state.add(
-                        "predictive_topk_accuracy",
-                        topk_overlap(predicted_top, live_cached_top).float().mean() / router.topk,
-                        n,
-                    )
-                    state.add("predictor_loss", loss.detach(), n)
+                    n = len(live_top)
+                    r2_accuracy = topk_overlap(r2_top, live_top).float().mean() / router.topk
+                    predictive = topk_overlap(predicted_top, live_top).float().mean() / router.topk
                     ratio = offset.detach().abs().mean() / old_logits.abs().mean().clamp(min=1e-12)
+                    state.add("r2_topk_accuracy", r2_accuracy, n)
+                    state.add("predictive_topk_accuracy", predictive, n)
+                    state.add("predictor_loss", loss, n)
                     state.add("bias_to_logit_ratio", ratio, n)
         return probs, routing_map
 
@@ -408,30 +420,23 @@ class RoutingSession:
             for router in routers:
                 state = self.states[id(router)]
                 count = state.counts.get(name, 0)
-                values.append(state.sums[name] / count if count else float("nan"))
+                values.append(float(state.sums[name]) / count if count else float("nan"))
             out[name] = torch.tensor(values, dtype=torch.float64)
         return out
 
 
-def _check_routes(indices: torch.Tensor, microbatch: int, missing_route_policy: str) -> None:
-    """Raise on a duplicate expert within a token (it breaks dispatch) or a forbidden gap."""
-    missing = indices[..., 0] < 0
-    if bool(missing.any()) and missing_route_policy == "error":
+def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
+    """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
+    missing = batch.missing
+    if missing is None:
+        return False
+    if config.missing_route_policy == "error":
         row, column = (int(v) for v in torch.nonzero(missing)[0])
         raise ValueError(
             f"microbatch {microbatch}: {int(missing.sum())} (token, layer) pairs have no route, "
-            f"first router row {row} of route column {column} "
-            "(PR2Config.missing_route_policy='error')"
+            f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
         )
-    ordered = indices.sort(dim=-1).values
-    duplicate = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
-    duplicate = duplicate.any(dim=-1)
-    if bool(duplicate.any()):
-        row, column = (int(v) for v in torch.nonzero(duplicate)[0])
-        raise ValueError(
-            f"microbatch {microbatch}: router row {row} replays a duplicate expert "
-            f"{indices[row, column].tolist()} in route column {column}"
-        )
+    return True
 
 
 def _route_digest(indices: torch.Tensor) -> torch.Tensor:
@@ -481,10 +486,26 @@ class RoutingHandle:
         return self._session.metrics()
 
 
+_ROUTERS_OF_CHUNK: "weakref.WeakKeyDictionary[torch.nn.Module, List[PR2Router]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def pr2_routers(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[PR2Router]:
-    """All PR2 routers of a model or a list of model chunks (virtual pipeline stages)."""
+    """All PR2 routers of a model or a list of model chunks (virtual pipeline stages).
+
+    The module walk is cached per chunk (a weak reference, so nothing outlives the model):
+    walking a 100B model's modules on every routing() entry costs milliseconds.
+    """
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, PR2Router)]
+    routers = []
+    for chunk in chunks:
+        found = _ROUTERS_OF_CHUNK.get(chunk)
+        if found is None:
+            found = [m for m in chunk.modules() if isinstance(m, PR2Router)]
+            _ROUTERS_OF_CHUNK[chunk] = found
+        routers.extend(found)
+    return routers
 
 
 @contextmanager

@@ -36,24 +36,42 @@ def narrowest_int_dtype(num_experts: int) -> torch.dtype:
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers (< 2**bits) into a flat uint8 tensor, little-endian bit order."""
+    """Pack non-negative integers (< 2**bits) into a flat uint8 tensor, little-endian bit order.
+
+    Value i occupies bits [i * bits, (i + 1) * bits) of the byte stream. For bits <= 8, eight
+    values form one int64 word of exactly `bits` bytes, so packing is a few whole-tensor ops.
+    """
     flat = values.reshape(-1).to(torch.int64)
-    shifts = torch.arange(bits, device=flat.device)
-    bit_plane = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
-    pad = (-bit_plane.numel()) % 8
-    if pad:
-        bit_plane = torch.cat([bit_plane, bit_plane.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-    # uint8 sum of distinct powers of two never overflows.
-    return (bit_plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    count = flat.numel()
+    if bits > 8:
+        # Wide ids (more than 256 experts): bit planes, slower but general.
+        shifts = torch.arange(bits, device=flat.device)
+        plane = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+        plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+        return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-count) % 8)]).view(-1, 8)
+    words = (flat << (torch.arange(8, device=flat.device) * bits)).sum(dim=1)
+    byte_shifts = torch.arange(bits, device=flat.device) * 8
+    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return packed[: -(-count * bits // 8)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of pack_bits: the first `count` values as int64."""
-    shifts = torch.arange(8, device=packed.device)
-    bit_plane = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bits]
-    weights = 1 << torch.arange(bits, device=packed.device)
-    return (bit_plane.view(count, bits) * weights).sum(dim=1)
+    if bits > 8:
+        shifts = torch.arange(8, device=packed.device)
+        plane = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bits]
+        weights = 1 << torch.arange(bits, device=packed.device)
+        return (plane.view(count, bits) * weights).sum(dim=1)
+    groups = -(-count // 8)
+    data = packed.to(torch.int64)
+    data = torch.cat([data, data.new_zeros(groups * bits - data.numel())]).view(groups, bits)
+    words = (data << (torch.arange(bits, device=packed.device) * 8)).sum(dim=1)
+    values = (words.unsqueeze(1) >> (torch.arange(8, device=packed.device) * bits)) & (
+        (1 << bits) - 1
+    )
+    return values.reshape(-1)[:count]
 
 
 @dataclass
@@ -112,6 +130,14 @@ class RouteBatch:
         if indices.numel() and (int(indices.max()) >= num_experts):
             raise ValueError(
                 f"RouteBatch expert id {int(indices.max())} out of range for num_experts={num_experts}"
+            )
+        ordered = indices.sort(dim=-1).values
+        duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
+        if bool(duplicate.any()):
+            row, column = (int(v) for v in torch.nonzero(duplicate)[0])
+            raise ValueError(
+                f"RouteBatch row {row}, layer column {column} names a duplicate expert "
+                f"{indices[row, column].tolist()} (it would break the dispatch splits)"
             )
         self._missing = None
         if bool(missing.any()):

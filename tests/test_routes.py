@@ -33,9 +33,15 @@ def test_pack_lossless_with_missing_and_dropped(E: int, k: int) -> None:
     gen = torch.Generator().manual_seed(E * 31 + k)
     T, L = 37, 3  # odd sizes: bit streams do not end on a byte boundary
     indices = random_routes(T, L, k, E, gen)
-    # extreme ids must survive packing
-    indices[0, 0, 0] = E - 1
-    indices[1, 0, -1] = 0
+    if k > E:
+        # k distinct experts out of fewer than k cannot exist: a route like that is rejected.
+        with pytest.raises(ValueError, match="duplicate expert"):
+            RouteBatch(indices, E)
+        return
+    # extreme ids must survive packing (distinct within each token, as routes are)
+    indices[0, 0] = torch.arange(E - k, E)
+    indices[1, 0] = torch.arange(k)
+    complete = indices.clone()
     missing = torch.rand(T, L, generator=gen) < 0.2
     missing[2, 1] = True
     indices = indices.masked_fill(missing.unsqueeze(-1), -1)
@@ -47,12 +53,12 @@ def test_pack_lossless_with_missing_and_dropped(E: int, k: int) -> None:
     assert torch.equal(routes.missing, missing)
     assert torch.equal(routes.dropped, dropped)
     # no masks present -> None, not an all-False tensor
-    clean = RouteBatch(indices.clamp(min=0), E)
+    clean = RouteBatch(complete, E)
     assert clean.missing is None and clean.dropped is None
-    assert torch.equal(clean.indices, indices.clamp(min=0).to(torch.int64))
+    assert torch.equal(clean.indices, complete.to(torch.int64))
     compact = clean.compact_indices
     assert compact.dtype == narrowest_int_dtype(E)
-    assert torch.equal(compact.to(torch.int64), indices.clamp(min=0).to(torch.int64))
+    assert torch.equal(compact.to(torch.int64), complete.to(torch.int64))
 
 
 @pytest.mark.parametrize("E", EXPERTS)
@@ -61,6 +67,10 @@ def test_nbytes_bound(E: int, k: int) -> None:
     gen = torch.Generator().manual_seed(E + k)
     T, L = 64, 4
     indices = random_routes(T, L, k, E, gen)
+    if k > E:  # no valid route exists (k distinct experts out of fewer than k)
+        with pytest.raises(ValueError, match="duplicate expert"):
+            RouteBatch(indices, E)
+        return
     routes = RouteBatch(indices, E)
     per_token_layer = k * math.ceil(math.log2(E)) / 8 if E > 1 else k / 8
     assert routes.nbytes <= T * L * per_token_layer + 1
