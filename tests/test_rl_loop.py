@@ -221,6 +221,10 @@ def test_config_validation():
 def _two_rank_run(root: str, mode: str):
     from harness import init_megatron_parallel
 
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()  # before the first megatron-core import (0.19 without triton)
+
     from megatron_pr2.rl.loop import RLTrainer
     from megatron_pr2.rl.model import ModelConfig, build_gpt_model, full_state_dict
 

@@ -28,13 +28,17 @@ class Preset:
 
     num_digits: int = 2
     """Operand digits of the arithmetic task."""
-    sft_steps: int = 600
+    ops: str = "+"
+    """Operators of the task ('+', '-' or '+-'; subtraction is much harder for the tiny model)."""
+    sft_steps: int = 800
     """Supervised warm-start steps."""
+    sft_label_noise: float = 0.3
+    """Fraction of corrupted SFT answers (imperfect demonstrations for RL to correct)."""
     sft_batch_size: int = 64
     """Sequences per SFT step."""
     sft_lr: float = 3e-3
     """SFT peak learning rate."""
-    steps: int = 30
+    steps: int = 40
     """RL steps per run."""
     prompts_per_step: int = 16
     """Prompts per rollout batch."""
@@ -91,7 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="RL base learning rate")
     p.add_argument("--alpha", type=float, default=None, help="PR2 predictor lr multiplier")
+    p.add_argument(
+        "--predictor",
+        choices=("linear", "lowrank", "bias"),
+        default="linear",
+        help="PR2 evolution predictor (PR2Config.predictor)",
+    )
+    p.add_argument(
+        "--pr2-loss",
+        choices=("kl-post", "delta-kl", "l2"),
+        default="kl-post",
+        help="PR2 predictor objective (PR2Config.loss)",
+    )
     p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--sft-label-noise", type=float, default=None, help="corrupted SFT fraction")
+    p.add_argument("--num-digits", type=int, default=None, help="operand digits")
+    p.add_argument("--eval-problems", type=int, default=None, help="held-out greedy eval size")
+    p.add_argument("--n1-steps", type=int, default=None, help="steps of the N=1 check")
+    p.add_argument("--ops", default=None, help="task operators: '+', '-' or '+-'")
     p.add_argument(
         "--ratio-level",
         choices=("token", "sequence"),
@@ -125,6 +146,11 @@ def resolve_preset(args) -> Preset:
         ("lr", "lr"),
         ("alpha", "alpha"),
         ("sft_steps", "sft_steps"),
+        ("sft_label_noise", "sft_label_noise"),
+        ("num_digits", "num_digits"),
+        ("ops", "ops"),
+        ("eval_problems", "eval_problems"),
+        ("n1_steps", "n1_steps"),
     ):
         value = getattr(args, arg)
         if value is not None:
@@ -152,13 +178,18 @@ def _configs(preset: Preset, job: dict):
     from megatron_pr2.rl.sft import SFTConfig
     from megatron_pr2.rl.task import TaskConfig
 
-    task_cfg = TaskConfig(num_digits=preset.num_digits)
+    task_cfg = TaskConfig(num_digits=preset.num_digits, ops=preset.ops)
     model_cfg = ModelConfig(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
         max_sequence_length=2 * task_cfg.prompt_chars + 8,
     )
-    sft_cfg = SFTConfig(steps=preset.sft_steps, batch_size=preset.sft_batch_size, lr=preset.sft_lr)
+    sft_cfg = SFTConfig(
+        steps=preset.sft_steps,
+        batch_size=preset.sft_batch_size,
+        lr=preset.sft_lr,
+        label_noise=preset.sft_label_noise,
+    )
     rl_cfg = RLConfig(
         mode=job["mode"],
         seed=job["seed"],
@@ -173,7 +204,12 @@ def _configs(preset: Preset, job: dict):
             clip_eps_high=job.get("clip_eps", 0.2),
             ratio_level=job.get("ratio_level", "token"),
         ),
-        pr2=PR2Config(alpha=preset.alpha, cache_tokens_per_sequence=64),
+        pr2=PR2Config(
+            predictor=job.get("predictor", "linear"),
+            loss=job.get("pr2_loss", "kl-post"),
+            alpha=preset.alpha,
+            cache_tokens_per_sequence=64,
+        ),
         checkpoint_interval=job.get("checkpoint_interval", 0),
         eval_problems=preset.eval_problems,
     )
@@ -203,7 +239,9 @@ def prepare(run_dir: str, preset: Preset, expert_parallel_size: int = 1):
     os.makedirs(run_dir, exist_ok=True)
     prefix = os.path.join(run_dir, f"tokenizer-d{task_cfg.num_digits}")
     if rank == 0 and not os.path.exists(prefix + ".model"):
-        train_tokenizer(task.corpus(seed=0, n=20000), prefix, vocab_size=64)
+        # Trained on both operators, so one tokenizer serves every --ops choice.
+        corpus_task = ArithmeticTask(dataclasses.replace(task_cfg, ops="+-"))
+        train_tokenizer(corpus_task.corpus(seed=0, n=20000), prefix, vocab_size=64)
     dist.barrier()
     tokenizer = TaskTokenizer(prefix + ".model")
     # The data-parallel size changes the SFT data (one stream per rank); the EP size does not.
@@ -351,6 +389,8 @@ def compare(args, preset: Preset) -> int:
         "ratio_level": args.ratio_level,
         "clip_eps": args.clip_eps,
         "engine_dtype": args.engine_dtype,
+        "predictor": args.predictor,
+        "pr2_loss": args.pr2_loss,
         "progress": True,
     }
     jobs = []
@@ -399,11 +439,15 @@ def compare(args, preset: Preset) -> int:
     settings = {
         "model": f"{preset.num_layers} MoE layers, hidden {preset.hidden_size}, 8 experts, top-2, "
         "alltoall dispatcher, fp32 trainer / bf16 engine",
-        "task": f"{preset.num_digits}-digit addition/subtraction, partial credit 0.5",
+        "task": f"{preset.num_digits}-digit arithmetic, ops '{preset.ops}', reward 1 exact / "
+        "0.5 x matching-digit fraction; SFT on "
+        f"{preset.sft_steps} steps with {preset.sft_label_noise:.0%} corrupted answers",
         "RL": f"{preset.steps} steps x {preset.prompts_per_step} prompts x group "
         f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, "
         f"{args.ratio_level}-level ratio, clip eps {args.clip_eps}",
-        "PR2": f"linear predictor, kl-post, alpha {preset.alpha}, loss from mini-step 2",
+        "PR2": f"{args.predictor} predictor, {args.pr2_loss} loss, alpha {preset.alpha} "
+        f"(predictor lr {preset.lr * preset.alpha:g}), loss from mini-step 2, predictor "
+        "gradient clipped separately from the policy's",
         "seeds": list(preset.seeds),
         "world size": dist.get_world_size(),
         "workers": workers,
@@ -462,6 +506,8 @@ def single(args, preset: Preset) -> int:
         "ratio_level": args.ratio_level,
         "clip_eps": args.clip_eps,
         "engine_dtype": args.engine_dtype,
+        "predictor": args.predictor,
+        "pr2_loss": args.pr2_loss,
         "checkpoint_interval": args.checkpoint_interval,
         "resume": args.resume,
     }

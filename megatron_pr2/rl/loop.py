@@ -184,6 +184,12 @@ class RLTrainer:
             betas=(0.9, 0.999),
             eps=1e-8,
         )
+        self._predictor_params = [
+            p for p in self.model.parameters() if getattr(p, "pr2_predictor", False)
+        ]
+        self._policy_params = [
+            p for p in self.model.parameters() if not getattr(p, "pr2_predictor", False)
+        ]
         self.step_index = 0
 
     # -- one rollout batch -------------------------------------------------------------------
@@ -270,15 +276,23 @@ class RLTrainer:
                 metrics.add("rl/train_inference_abs_logprob_diff", float(d.abs().sum()), n_tok)
                 if old_mode == "replay":
                     old_routes.append(routes)
-                    # Engine route vs the trainer's live top-k at theta_old.
-                    acc = h.metrics["route_topk_accuracy"]
-                    metrics.add_per_layer("pr2/train_inference_route_accuracy", acc)
+                    # Engine top-k vs the trainer's live top-k at theta_old, both without the
+                    # predictor: the replayed route itself in r3; in pr2-r3 the top-k of the
+                    # engine's cached p_old (every token is cached at the demo's lengths).
+                    name = "r2_topk_accuracy" if cfg.mode == "pr2-r3" else "route_topk_accuracy"
+                    metrics.add_per_layer("pr2/train_inference_route_accuracy", h.metrics[name])
                     metrics.add_layers("pr2/oldpass", h.metrics)
                 else:
                     recorded = h.routes
                     old_routes.append(recorded)
-                    live_old = self._old_live_topk(recorded)
-                    acc = topk_overlap_per_layer(engine_routes[j].indices, live_old)
+                    plain = recorded
+                    if old_mode == "predict_record":
+                        # The predicted routes of upstream layers change the hidden states of
+                        # later ones, so compare against an extra plain (stock top-k) forward.
+                        with routing(self.model, "record") as hp:
+                            score(self.model, sequences[idx], tok.vocab_size)
+                        plain = hp.routes
+                    acc = topk_overlap_per_layer(engine_routes[j].indices, plain.indices)
                     metrics.add_per_layer("pr2/train_inference_route_accuracy", acc)
 
         # 5. Mini-steps.
@@ -321,8 +335,13 @@ class RLTrainer:
                 )
                 metrics.add_max("rl/max_ratio", float(stats["max_ratio"]))
             reduce_gradients(self.model)
-            grad_norm = clip_gradients(self.model, cfg.grad_clip)
+            # The predictor is clipped on its own: its gradient must not throttle the policy's
+            # (with one global clip, PR2 would train the policy more slowly than R2).
+            grad_norm = clip_gradients(self.model, cfg.grad_clip, self._policy_params)
             metrics.add("rl/grad_norm", grad_norm, 1)
+            if cfg.mode.startswith("pr2"):
+                pred_norm = clip_gradients(self.model, cfg.grad_clip, self._predictor_params)
+                metrics.add("pr2/predictor_grad_norm", pred_norm, 1)
             self.optimizer.step()
         t_end = time.time()
         metrics.add("time/step_seconds", t_end - t_start, 1)
@@ -330,19 +349,6 @@ class RLTrainer:
         metrics.add("time/train_seconds", t_end - t_rollout, 1)
         self.step_index += 1
         return metrics.reduce(_dp_group())
-
-    def _old_live_topk(self, recorded: RouteBatch) -> torch.Tensor:
-        """TopK(p_old) of the trainer's old pass [T, L, k]. In 'record' it is the recorded
-        route; in 'predict_record' the route includes the predictor, so take the top-k of the
-        cached p_old (every token is cached when cache_tokens_per_sequence >= seq length)."""
-        if self.cfg.mode != "pr2":
-            return recorded.indices
-        cache = recorded.cache
-        if cache is None or cache.token_index.numel() != recorded.num_tokens:
-            return recorded.indices
-        order = torch.argsort(cache.token_index)
-        logits = cache.logits[order]
-        return torch.topk(logits, recorded.topk, dim=-1).indices
 
     @staticmethod
     def _flip_free(a: RouteBatch, b: RouteBatch) -> torch.Tensor:
@@ -387,7 +393,7 @@ class RLTrainer:
     def load_checkpoint(self, path: str) -> None:
         state = torch.load(
             os.path.join(path, f"rank{self.rank:03d}.pt"),
-            map_location=self.device,
+            map_location="cpu",
             weights_only=False,
         )
         saved = state["config"]

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import socket
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -153,6 +153,28 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> Transform
     )
 
 
+def reset_moe_metrics_tracker() -> None:
+    """Drop Megatron's global per-layer aux-loss logging entries.
+
+    Megatron sizes each entry by the layer count of the first model that logs into it; a model
+    with more layers built later in the same process then indexes past its end. Clearing the
+    entries (not just zeroing them, which is all clear_aux_losses_tracker does) lets models of
+    different depths share a process (tests, sweeps). 0.16 keeps a dict, 0.19 a tracker object.
+    TODO(compat owner): move this into megatron_pr2.compat as reset_aux_losses_tracker().
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    getter = getattr(moe_utils, "get_moe_metrics_tracker", None)
+    if getter is not None:
+        entries = getattr(getter(), "_metrics", None)
+        if isinstance(entries, dict):
+            entries.clear()
+            return
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if isinstance(tracker, dict):
+        tracker.clear()
+
+
 def build_gpt_model(
     cfg: ModelConfig,
     vocab_size: int,
@@ -165,6 +187,7 @@ def build_gpt_model(
     PR2Config is given), stock GPTModel. Dense parameters are identical on every rank for a
     given seed (required for data parallelism); expert weights depend on the EP rank.
     """
+    reset_moe_metrics_tracker()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_experts, moe_grouped_gemm=False)
@@ -259,15 +282,18 @@ def reduce_gradients(model: torch.nn.Module) -> None:
             offset += n
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip by the global gradient norm; returns the norm before clipping.
+def clip_gradients(
+    model: torch.nn.Module, max_norm: float, params: Optional[Iterable[torch.nn.Parameter]] = None
+) -> float:
+    """Clip by the global gradient norm of `params` (default: all of model's); returns the norm
+    before clipping. Every rank must call it with the same kind of subset.
 
     Dense gradients are identical on every rank after reduce_gradients; expert gradients are
     sharded over the expert-parallel group, so their squared norms are summed over it.
     """
     dense_sq = torch.zeros((), dtype=torch.float64)
     expert_sq = torch.zeros((), dtype=torch.float64)
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in (model.parameters() if params is None else params) if p.grad is not None]
     for p in params:
         sq = p.grad.detach().double().pow(2).sum().cpu()
         if is_expert_param(p):

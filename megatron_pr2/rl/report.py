@@ -26,6 +26,7 @@ TABLE_METRICS: Tuple[Tuple[str, str, int], ...] = (
     ("pr2/predictor_loss/mean", "predictor loss", -1),
     ("pr2/bias_to_logit_ratio/mean", "bias/logit", 0),
     ("rl/grad_norm", "grad norm", 0),
+    ("pr2/predictor_grad_norm", "predictor grad norm", 0),
     ("rl/entropy", "entropy", 0),
     ("time/step_seconds", "s/step", -1),
 )

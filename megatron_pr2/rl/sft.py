@@ -46,6 +46,14 @@ class SFTConfig:
     """Global gradient-norm clip."""
     seed: int = 1234
     """Seed of the SFT data stream (independent of the RL seeds)."""
+    label_noise: float = 0.0
+    """Fraction of SFT examples whose answer is corrupted (one character replaced by a wrong
+    digit): imperfect demonstrations, so the warm start samples wrong answers that a verifier
+    reward can teach it to avoid (RL then has something to fix within a short run)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"SFTConfig.label_noise must be in [0, 1), got {self.label_noise}")
 
 
 def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torch.Tensor:
@@ -57,15 +65,30 @@ def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torc
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def corrupt_answer(answer: str, rng: random.Random) -> str:
+    """Replace one digit of `answer` by a different digit, keeping a well-formed integer (no
+    leading zero on a multi-digit number)."""
+    positions = [i for i, c in enumerate(answer) if c.isdigit()]
+    i = rng.choice(positions)
+    leading = i == positions[0] and len(positions) > 1
+    choices = [d for d in "0123456789" if d != answer[i] and not (leading and d == "0")]
+    return answer[:i] + rng.choice(choices) + answer[i + 1 :]
+
+
 def sft_batch(
-    tokenizer: TaskTokenizer, problems: Sequence[Problem], seq_length: int
+    tokenizer: TaskTokenizer,
+    problems: Sequence[Problem],
+    seq_length: int,
+    answers: Optional[Sequence[str]] = None,
 ) -> Dict[str, torch.Tensor]:
+    """Training batch; `answers` overrides the reference answers (label noise)."""
     prompts = prompt_tokens(tokenizer, problems)
     p_len = prompts.size(1)
     tokens = torch.full((len(problems), seq_length), PAD_ID, dtype=torch.int64)
     loss_mask = torch.zeros(len(problems), seq_length - 1)
     for i, prob in enumerate(problems):
-        answer = tokenizer.encode(prob.answer) + [EOS_ID]
+        text = prob.answer if answers is None else answers[i]
+        answer = tokenizer.encode(text) + [EOS_ID]
         if p_len + len(answer) > seq_length:
             raise ValueError(f"seq_length={seq_length} too short for {prob.prompt}{prob.answer}")
         tokens[i, :p_len] = prompts[i]
@@ -101,7 +124,12 @@ def run_sft(
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = sft_batch(tokenizer, task.sample(rng, cfg.batch_size), seq_length)
+        problems = task.sample(rng, cfg.batch_size)
+        answers = [
+            corrupt_answer(p.answer, rng) if rng.random() < cfg.label_noise else p.answer
+            for p in problems
+        ]
+        batch = sft_batch(tokenizer, problems, seq_length, answers)
         tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device)
         logits = policy_logits(forward_logits(model, tokens), tokenizer.vocab_size)[:, :-1]
         nll = -token_logprobs(logits, tokens[:, 1:])

@@ -83,6 +83,7 @@ def train_tokenizer(corpus: Sequence[str], model_prefix: str, vocab_size: int = 
         split_digits=True,
         add_dummy_prefix=False,
         character_coverage=1.0,
+        normalization_rule_name="identity",
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         bos_id=BOS_ID,
