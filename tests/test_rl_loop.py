@@ -43,7 +43,12 @@ def setup(tmp_path_factory):
     train_tokenizer(task.corpus(seed=0, n=3000), str(root / "tok"), 64)
     tokenizer = TaskTokenizer(str(root / "tok.model"))
     with single_rank():
-        from megatron_pr2.rl.model import ModelConfig, build_gpt_model, full_state_dict
+        from megatron_pr2.rl.model import (
+            ModelConfig,
+            build_gpt_model,
+            full_state_dict,
+            load_full_state_dict,
+        )
         from megatron_pr2.rl.sft import SFTConfig, run_sft
 
         model_cfg = ModelConfig(**MICRO_MODEL)
@@ -226,7 +231,12 @@ def _two_rank_run(root: str, mode: str):
     apply_cpu_patches()  # before the first megatron-core import (0.19 without triton)
 
     from megatron_pr2.rl.loop import RLTrainer
-    from megatron_pr2.rl.model import ModelConfig, build_gpt_model, full_state_dict
+    from megatron_pr2.rl.model import (
+        ModelConfig,
+        build_gpt_model,
+        full_state_dict,
+        load_full_state_dict,
+    )
 
     task = ArithmeticTask(TaskConfig(num_digits=2))
     tokenizer = TaskTokenizer(os.path.join(root, "tok.model"))
@@ -246,6 +256,11 @@ def _two_rank_run(root: str, mode: str):
                 "history": [_no_time(r) for r in history],
                 "full": full_state_dict(trainer.model),
             }
+    # A full state written under EP2 loads under EP1 (and round-trips) unchanged.
+    with init_megatron_parallel(ep=1, seed=0):
+        model = build_gpt_model(model_cfg, tokenizer.padded_vocab_size(), PR2Config(), seed=7)
+        load_full_state_dict(model, out[2]["full"])
+        out["reloaded"] = full_state_dict(model)
     return out
 
 
@@ -272,6 +287,10 @@ def test_ep2_two_ranks_matches_ep1(tmp_path):
     for name, value in r0[1]["full"].items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             torch.testing.assert_close(value, r0[2]["full"][name], rtol=1e-4, atol=1e-5)
+    assert r0["reloaded"].keys() == r0[2]["full"].keys()
+    for name, value in r0[2]["full"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, r0["reloaded"][name]), name
     # The predictor trained (pr2-r3, N = 2).
     assert any(float(v.abs().sum()) > 0 for k, v in r0[2]["full"].items() if ".predictor." in k)
 

@@ -334,16 +334,13 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     n_local = _num_local_experts(model)
     full, experts = {}, {}
     for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            full[key] = value
-            continue
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().clone()
         m = _EXPERT_KEY.match(key)
         if m:
-            experts[f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}"] = (
-                value.detach().cpu().clone()
-            )
+            experts[f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}"] = value
         else:
-            full[key] = value.detach().cpu().clone()
+            full[key] = value
     if ep > 1:
         gathered = [None] * ep
         dist.all_gather_object(
