@@ -50,11 +50,11 @@ def sharded_params(model: Any) -> List[Tuple[str, Any, torch.nn.Parameter]]:
     return out
 
 
-def _full_key(sh: Any) -> FullKey:
+def full_key(sh: Any) -> FullKey:
     return sh.key, tuple(int(x) for x in sh.global_offset[: sh.prepend_axis_num])
 
 
-def _local_slice(sh: Any, shape: torch.Size) -> Tuple[slice, ...]:
+def local_slice(sh: Any, shape: torch.Size) -> Tuple[slice, ...]:
     offsets = sh.global_offset[sh.prepend_axis_num :]
     return tuple(slice(int(o), int(o) + n) for o, n in zip(offsets, shape))
 
@@ -74,7 +74,7 @@ def full_tensors(model: Any, what: str = "data") -> Dict[FullKey, torch.Tensor]:
             f"{tuple(sh.global_shape)}"
         )
         value = param.detach() if what == "data" else param_grad(param)
-        out[_full_key(sh)] = None if value is None else value.detach().clone()
+        out[full_key(sh)] = None if value is None else value.detach().clone()
     return out
 
 
@@ -82,7 +82,7 @@ def load_full(model: Any, full: Dict[FullKey, torch.Tensor]) -> None:
     """Copy each parameter's slice of the reference's full tensors into the sharded model."""
     with torch.no_grad():
         for _, sh, param in sharded_params(model):
-            param.copy_(full[_full_key(sh)][_local_slice(sh, param.shape)])
+            param.copy_(full[full_key(sh)][local_slice(sh, param.shape)])
 
 
 def compare_to_full(
@@ -92,11 +92,11 @@ def compare_to_full(
     out = {}
     for name, sh, param in sharded_params(model):
         mine = param.detach() if what == "data" else param_grad(param)
-        ref = full[_full_key(sh)]
+        ref = full[full_key(sh)]
         if mine is None or ref is None:
             out[name] = 0.0 if mine is None and ref is None else float("inf")
             continue
-        ref = ref[_local_slice(sh, param.shape)]
+        ref = ref[local_slice(sh, param.shape)]
         out[name] = float((mine.float() - ref.float()).abs().max()) if mine.numel() else 0.0
     return out
 

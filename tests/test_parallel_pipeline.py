@@ -109,7 +109,6 @@ def _run_layout(name, ref, sources):
         check_capture,
         compare_to_full,
         drift_routers,
-        full_tensors,
         load_full,
         run_schedule,
         wrap_ddp,
@@ -273,3 +272,97 @@ def test_routes_recorded_on_pp2_replay_on_a_single_rank(gpt_layouts):
     for rank, result in enumerate(gpt_layouts):
         check = result["single_rank_from_pp2"]
         assert check["calls"] == NUM_MOE_LAYERS * NUM_MB and check["mismatched_rows"] == 0, rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupted route shards: every rank must raise a route error (never hang)
+# ---------------------------------------------------------------------------------------------
+# On NCCL a rank that raises while its peers sit in a collective (TP all-gather, EP all-to-all,
+# PP send/recv) leaves them hanging until the watchdog fires. On gloo the peers see "Connection
+# closed by peer" once the failing process exits, which would hide the hang: so the check is
+# that EVERY rank's own error is a route error (ValueError naming the route problem), i.e. no
+# rank got as far as a collective with a peer that had already given up.
+CORRUPTIONS = {
+    # canonical routes on the scatter source lack MoE layer 2 (held by stage 1 only): stage 1's
+    # requests fail on the source, stage 0's TP peer of the source gets a valid shard.
+    "scatter_missing_layer_tp2_pp2": (dict(tp=2, pp=2), "scatter", "layers"),
+    # one rank is handed a shard for 2 fewer tokens than its routers route.
+    "shard_wrong_token_count_pp2": (dict(pp=2), "direct", "tokens"),
+    # one rank is handed a shard without one of its stage's MoE layers.
+    "shard_missing_layer_pp2": (dict(pp=2), "direct", "layers"),
+}
+
+
+def _random_routes(seed):
+    """A valid canonical route [MBS * SEQ, 3, 2]: distinct experts per (token, layer)."""
+    from megatron_pr2 import RouteBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = MBS * SEQ * NUM_MOE_LAYERS
+    indices = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(rows)])
+    return RouteBatch(indices.view(MBS * SEQ, NUM_MOE_LAYERS, 2), 8)
+
+
+def _rank_corrupted(name):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from par_util import build_pr2_gpt, run_schedule
+
+    from megatron_pr2 import RouteBatch, routing
+    from megatron_pr2.routes import TokenLayout
+    from megatron_pr2.sharding import layout_for_rank, scatter_routes, shard_routes
+
+    sizes, path, kind = CORRUPTIONS[name]
+    with init_megatron_parallel(**sizes):
+        tp = sizes.get("tp", 1)
+        config = _gpt_config()
+        model = build_pr2_gpt(config, VOCAB, SEQ)
+        layout = layout_for_rank(
+            MBS,
+            SEQ,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=tp,
+            sequence_parallel=tp > 1,
+        )
+        layer_ids = _layer_ids(config, None)
+        canonical = [_random_routes(m) for m in range(NUM_MB)]
+        bad = dist.get_rank() == dist.get_world_size() - 1
+        if path == "scatter":
+            group = ps.get_model_parallel_group()
+            first = dist.get_rank(group) == 0
+            assert kind == "layers"
+            broken = [RouteBatch(c.indices[:, :2], 8) for c in canonical]  # MoE layers 0, 1 only
+            shards = [
+                scatter_routes(b if first else None, layout, layer_ids, group) for b in broken
+            ]
+        else:
+            shards = [shard_routes(c, layout, layer_ids) for c in canonical]
+            if bad and kind == "tokens":
+                short = TokenLayout(layout.token_index[:-2], layout.num_tokens, layout.seq_length)
+                shards = [shard_routes(c, short, layer_ids) for c in canonical]
+            if bad and kind == "layers":
+                shards = [shard_routes(c, layout, layer_ids[:-1]) for c in canonical]
+        with routing(model, "replay", routes=shards, layout=layout):
+            run_schedule(model, _data(), SEQ, MBS, forward_only=False)
+    return "no error"
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupted_shard_raises_a_route_error_on_every_rank(name):
+    import re
+
+    from harness import DistributedTestError
+
+    sizes = CORRUPTIONS[name][0]
+    world = sizes.get("tp", 1) * sizes.get("pp", 1)
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_rank_corrupted, world, name, timeout=120)
+    message = str(info.value)
+    assert "TIMEOUT" not in message and "killed" not in message, message
+    sections = dict(re.findall(r"----- rank (\d+) \((\w+)\) -----", message))
+    assert sorted(int(r) for r in sections) == list(range(world)), message
+    for rank, text in enumerate(re.split(r"----- rank \d+ \(\w+\) -----", message)[1:]):
+        last = text.strip().splitlines()[-1]
+        # The rank's own error names the route problem; a transport error means it was inside a
+        # collective with a peer that had already failed (a hang on NCCL).
+        assert last.startswith("ValueError") and "route" in last.lower(), (rank, last, message)
