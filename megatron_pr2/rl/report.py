@@ -231,7 +231,11 @@ def write_report(
         "route and the live route, i.e. natural drift). 'R2 acc (cached)' and 'PR2 pred acc "
         "(cached)' are measured on the predictor-cache tokens in PR2 modes only: TopK(p_old) and "
         "TopK(p_old + h W_p) against the live top-k. 'train-inf route acc' compares the engine's "
-        "route with the trainer's live top-k at theta_old.",
+        "route with the trainer's plain live top-k at theta_old (no predictor). 'train-inf KL' is "
+        "KL(pi_rollout || pi_old) on the sampled tokens (k3 estimator); in pr2 / pr2-r3 pi_old "
+        "routes with predicted experts, so it also contains the predicted-route shift. "
+        "Ratios r = pi_theta / pi_old are over all mini-steps; mini-step 1 has r = 1 up to "
+        "numerics.",
         "",
         "## Verdicts (computed from the table)",
         "",
