@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/rl_demo", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="RL steps (overrides the preset)")
     p.add_argument("--ministeps", type=int, default=None, help="N mini-steps per rollout batch")
-    p.add_argument("--prompts-per-step", type=int, default=None)
-    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per rollout")
+    p.add_argument("--group-size", type=int, default=None, help="GRPO samples per prompt")
     p.add_argument("--lr", type=float, default=None, help="RL base learning rate")
     p.add_argument("--alpha", type=float, default=None, help="PR2 predictor lr multiplier")
     p.add_argument(
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="kl-post",
         help="PR2 predictor objective (PR2Config.loss)",
     )
-    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--sft-steps", type=int, default=None, help="supervised warm-start steps")
     p.add_argument("--sft-label-noise", type=float, default=None, help="corrupted SFT fraction")
     p.add_argument("--num-digits", type=int, default=None, help="operand digits")
     p.add_argument("--eval-problems", type=int, default=None, help="held-out greedy eval size")
@@ -459,8 +459,18 @@ def compare(args, preset: Preset) -> int:
         "total": time.time() - t_all,
     }
     report_path = os.path.join(root, "report.md")
+    per_ministep = report.ministep_tables({m: runs[m] for m in modes}, preset.num_ministeps)
     report.write_report(
-        report_path, summary, modes, preset.seeds, settings, n1_check, plots, timings, sft_eval
+        report_path,
+        summary,
+        modes,
+        preset.seeds,
+        settings,
+        n1_check,
+        plots,
+        timings,
+        sft_eval,
+        per_ministep,
     )
     print()
     print(report.text_table(summary, modes))

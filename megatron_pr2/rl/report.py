@@ -124,6 +124,46 @@ def text_table(summary, modes: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+def ministep_tables(
+    runs: Dict[str, Dict[int, List[dict]]], num_ministeps: int, window: float = 0.5
+) -> str:
+    """Markdown tables per mini-step i: replay/live top-k accuracy and clip fraction per mode,
+    and for PR2 modes the paired comparison on the same cached tokens of TopK(p_old + h W_p)
+    (PR2) and TopK(p_old) (what R2 would have replayed) against the live top-k."""
+
+    def cell(mode: str, key: str) -> str:
+        per_seed = [run_window_mean(h, key, window) for h in runs[mode].values()]
+        return _fmt(mean_std(per_seed))
+
+    modes = list(runs)
+    lines = ["| mini-step | " + " | ".join(f"{m} acc / clip" for m in modes) + " |"]
+    lines.append("|---|" + "---|" * len(modes))
+    for i in range(1, num_ministeps + 1):
+        row = [
+            f"{cell(m, f'pr2/route_topk_accuracy/ministep_{i}')} / "
+            f"{cell(m, f'rl/clip_fraction/ministep_{i}')}"
+            for m in modes
+        ]
+        lines.append(f"| {i} | " + " | ".join(row) + " |")
+    pr2_modes = [m for m in modes if m.startswith("pr2")]
+    if pr2_modes:
+        lines += [
+            "",
+            "| mini-step | "
+            + " | ".join(f"{m}: PR2 pred acc / R2 acc (same tokens)" for m in pr2_modes)
+            + " |",
+        ]
+        lines.append("|---|" + "---|" * len(pr2_modes))
+        for i in range(1, num_ministeps + 1):
+            row = [
+                f"{cell(m, f'pr2/predictive_topk_accuracy/ministep_{i}')} / "
+                f"{cell(m, f'pr2/r2_topk_accuracy/ministep_{i}')}"
+                for m in pr2_modes
+            ]
+            lines.append(f"| {i} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def verdicts(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
     """Plain statements 'A vs B' per directional metric, saying when a gap is within the
     seed-to-seed spread (the larger of the two stds) rather than calling it a win."""
@@ -205,6 +245,7 @@ def write_report(
     plots: Sequence[str],
     timings: Dict[str, float],
     sft_eval: Optional[Dict[str, float]] = None,
+    per_ministep: Optional[str] = None,
 ) -> str:
     """Write the markdown report; returns its text."""
     lines = ["# megatron-pr2 RL demo: routing-mode comparison", ""]
@@ -236,6 +277,11 @@ def write_report(
         "routes with predicted experts, so it also contains the predicted-route shift. "
         "Ratios r = pi_theta / pi_old are over all mini-steps; mini-step 1 has r = 1 up to "
         "numerics.",
+        "",
+        "",
+        "## Per mini-step (same statistics)",
+        "",
+        per_ministep or "n/a",
         "",
         "## Verdicts (computed from the table)",
         "",
