@@ -27,7 +27,9 @@ def _write_exe(path, text):
 
 def _run(script, args, env=None, check=True):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC"))}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "DRY_RUN", "PYTHON", "GPUS_PER_NODE", "NNODES"):
+    # Launcher defaults are under test: drop the overrides a CI shell may export.
+    overrides = ("MASTER_ADDR", "MASTER_PORT", "DRY_RUN", "PYTHON", "GPUS_PER_NODE", "NNODES")
+    for name in overrides + ("OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS"):
         full_env.pop(name, None)
     full_env.update(env or {})
     proc = subprocess.run(
