@@ -47,7 +47,6 @@ def setup(tmp_path_factory):
             ModelConfig,
             build_gpt_model,
             full_state_dict,
-            load_full_state_dict,
         )
         from megatron_pr2.rl.sft import SFTConfig, run_sft
 

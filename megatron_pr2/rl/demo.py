@@ -65,7 +65,7 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "quick": Preset(
-        sft_steps=120,
+        sft_steps=200,
         steps=4,
         prompts_per_step=8,
         group_size=4,
@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--compare: parallel worker processes (default: 2 on CPU, 1 on GPU)",
     )
     p.add_argument("--no-n1-check", action="store_true", help="skip the N=1 R2==PR2 check")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default on CPU: 1; the model's matmuls are too small "
+        "to gain from more, and extra threads thrash when workers share the cores)",
+    )
     return p
 
 
@@ -537,6 +544,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     preset = resolve_preset(args)
     import torch
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif not torch.cuda.is_available():
+        torch.set_num_threads(1)
     if not torch.cuda.is_available():
         # Explicit, before the first megatron-core import (needed on megatron-core 0.19).
         from megatron_pr2.cpu import apply_cpu_patches

@@ -56,7 +56,7 @@ def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Option
     vals = _finite([v for v in values if v is not None])
     if not vals:
         return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def summarize(
@@ -90,7 +90,7 @@ def _fmt(ms: Tuple[Optional[float], Optional[float]]) -> str:
             return f"{x:.2e}"
         return f"{x:.4f}"
 
-    return f"{f(mean)} ± {f(std)}" if std else f(mean)
+    return f"{f(mean)} ± {f(std)}" if std is not None else f(mean)
 
 
 def markdown_table(summary, modes: Sequence[str]) -> str:
