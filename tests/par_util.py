@@ -21,6 +21,14 @@ import torch
 FullKey = Tuple[str, Tuple[int, ...]]
 
 
+def cpu_patches() -> None:
+    """megatron_pr2's CPU / gloo patches; first thing in a rank, before any megatron-core import
+    (megatron-core 0.19 imports triton at package import unless the patches stub it)."""
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+
+
 def as_chunks(model: Any) -> List[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 

@@ -82,9 +82,22 @@ def _reference():
         run_schedule(model, data, SEQ, MBS, forward_only=True)
     routes = handle.routes_per_microbatch
     drift_routers(model)
+    # The drift really moves the live routing, so a replay that re-routed would be caught.
+    with routing(model, "record") as live:
+        run_schedule(model, data, SEQ, MBS, forward_only=True)
+    rerouted = sum(
+        int((a.indices != b.indices).any(-1).sum())
+        for a, b in zip(live.routes_per_microbatch, routes)
+    )
     with routing(model, "replay", routes=routes):
         losses = run_schedule(model, data, SEQ, MBS, forward_only=False)
-    return dict(weights=weights, routes=routes, losses=losses, grads=full_tensors(model, "grad"))
+    return dict(
+        weights=weights,
+        routes=routes,
+        losses=losses,
+        grads=full_tensors(model, "grad"),
+        rerouted=rerouted,
+    )
 
 
 def _layer_ids(config, vpp):
@@ -172,6 +185,7 @@ def _run_layout(name, ref, sources):
             canonical_recorded.update(part)
         return (
             dict(
+                drift_rerouted=ref["rerouted"],
                 record_ok=record_ok,
                 gathered=len(gathered),
                 routes=forward_check,
@@ -201,6 +215,9 @@ def full_tensors_of_shards(model):
 
 
 def _rank_gpt_layouts():
+    from par_util import cpu_patches
+
+    cpu_patches()  # before the first megatron-core import of this rank
     from par_util import build_pr2_gpt, capture_routes, check_capture, drift_routers, load_full
 
     from megatron_pr2 import routing
@@ -244,6 +261,7 @@ def gpt_layouts():
 def test_gpt_replay_matches_single_rank(gpt_layouts, layout):
     for rank, result in enumerate(gpt_layouts):
         r = result[layout]
+        assert r["drift_rerouted"] > 0  # the live router no longer picks the recorded experts
         assert r["routes"]["calls"] >= 1 and r["routes"]["mismatched_rows"] == 0, (rank, r)
         assert r["loss_err"] <= TOL, (rank, r)
         assert r["grad_err"] <= TOL, (rank, r)
@@ -283,14 +301,23 @@ def test_routes_recorded_on_pp2_replay_on_a_single_rank(gpt_layouts):
 # that EVERY rank's own error is a route error (ValueError naming the route problem), i.e. no
 # rank got as far as a collective with a peer that had already given up.
 CORRUPTIONS = {
-    # canonical routes on the scatter source lack MoE layer 2 (held by stage 1 only): stage 1's
+    # name -> (launch, parallel sizes, how shards arrive, what is wrong, routing(group=))
+    # One TP rank is handed a shard for 2 fewer tokens than its routers route; its TP peer
+    # would wait in the dispatcher: the stage's ranks must agree at the first MoE layer.
+    "shard_wrong_token_count_tp2sp": ("stage", dict(tp=2), "direct", "tokens", False),
+    # A pipeline stage is handed a shard for 2 fewer tokens / without one of its MoE layers:
+    # the other stage waits on pipeline send/recv, so the ranks of the step agree on entry.
+    "shard_wrong_token_count_pp2": ("entry", dict(pp=2), "direct", "tokens", True),
+    "shard_missing_layer_pp2": ("entry", dict(pp=2), "direct", "layers", True),
+    # Canonical routes on the scatter source lack MoE layer 2 (held by stage 1 only): stage 1's
     # requests fail on the source, stage 0's TP peer of the source gets a valid shard.
-    "scatter_missing_layer_tp2_pp2": (dict(tp=2, pp=2), "scatter", "layers"),
-    # one rank is handed a shard for 2 fewer tokens than its routers route.
-    "shard_wrong_token_count_pp2": (dict(pp=2), "direct", "tokens"),
-    # one rank is handed a shard without one of its stage's MoE layers.
-    "shard_missing_layer_pp2": (dict(pp=2), "direct", "layers"),
+    "scatter_missing_layer_tp2_pp2": ("scatter", dict(tp=2, pp=2), "scatter", "layers", False),
 }
+
+
+def _world(name):
+    sizes = CORRUPTIONS[name][1]
+    return sizes.get("tp", 1) * sizes.get("pp", 1)
 
 
 def _random_routes(seed):
@@ -303,7 +330,7 @@ def _random_routes(seed):
     return RouteBatch(indices.view(MBS * SEQ, NUM_MOE_LAYERS, 2), 8)
 
 
-def _rank_corrupted(name):
+def _run_corrupted(name):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from par_util import build_pr2_gpt, run_schedule
@@ -312,7 +339,7 @@ def _rank_corrupted(name):
     from megatron_pr2.routes import TokenLayout
     from megatron_pr2.sharding import layout_for_rank, scatter_routes, shard_routes
 
-    sizes, path, kind = CORRUPTIONS[name]
+    _, sizes, path, kind, agree_on_entry = CORRUPTIONS[name]
     with init_megatron_parallel(**sizes):
         tp = sizes.get("tp", 1)
         config = _gpt_config()
@@ -330,7 +357,6 @@ def _rank_corrupted(name):
         if path == "scatter":
             group = ps.get_model_parallel_group()
             first = dist.get_rank(group) == 0
-            assert kind == "layers"
             broken = [RouteBatch(c.indices[:, :2], 8) for c in canonical]  # MoE layers 0, 1 only
             shards = [
                 scatter_routes(b if first else None, layout, layer_ids, group) for b in broken
@@ -342,27 +368,50 @@ def _rank_corrupted(name):
                 shards = [shard_routes(c, short, layer_ids) for c in canonical]
             if bad and kind == "layers":
                 shards = [shard_routes(c, layout, layer_ids[:-1]) for c in canonical]
-        with routing(model, "replay", routes=shards, layout=layout):
+        # Stage-local validation cannot cover pipeline peers (stage 1 waits on stage 0's
+        # activations before its first router runs): there the ranks of the step agree on entry.
+        group = {"group": dist.group.WORLD} if agree_on_entry else {}
+        with routing(model, "replay", routes=shards, layout=layout, **group):
             run_schedule(model, _data(), SEQ, MBS, forward_only=False)
-    return "no error"
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
-def test_corrupted_shard_raises_a_route_error_on_every_rank(name):
-    import re
+def _rank_corrupted(names):
+    """Run the corruption cases in order; a route ValueError is expected and recorded. Any other
+    error ends the rank (its peers then fail with transport errors, which the test reports)."""
+    from par_util import cpu_patches
 
+    cpu_patches()  # before the first megatron-core import of this rank
+    out = {}
+    for name in names:
+        try:
+            _run_corrupted(name)
+            out[name] = "no error"
+        except ValueError as error:
+            out[name] = f"ValueError: {error}"
+            if "route" not in str(error).lower():
+                raise
+    return out
+
+
+@pytest.fixture(scope="module")
+def corrupted_runs():
+    """One launch per mechanism (a failed launch loses the results of all its cases)."""
     from harness import DistributedTestError
 
-    sizes = CORRUPTIONS[name][0]
-    world = sizes.get("tp", 1) * sizes.get("pp", 1)
-    with pytest.raises(DistributedTestError) as info:
-        run_distributed(_rank_corrupted, world, name, timeout=120)
-    message = str(info.value)
-    assert "TIMEOUT" not in message and "killed" not in message, message
-    sections = dict(re.findall(r"----- rank (\d+) \((\w+)\) -----", message))
-    assert sorted(int(r) for r in sections) == list(range(world)), message
-    for rank, text in enumerate(re.split(r"----- rank \d+ \(\w+\) -----", message)[1:]):
-        last = text.strip().splitlines()[-1]
-        # The rank's own error names the route problem; a transport error means it was inside a
-        # collective with a peer that had already failed (a hang on NCCL).
-        assert last.startswith("ValueError") and "route" in last.lower(), (rank, last, message)
+    runs = {}
+    for launch in dict.fromkeys(c[0] for c in CORRUPTIONS.values()):
+        names = [name for name, c in CORRUPTIONS.items() if c[0] == launch]
+        try:
+            runs[launch] = run_distributed(_rank_corrupted, _world(names[0]), names, timeout=150)
+        except DistributedTestError as error:
+            runs[launch] = str(error)  # a rank died or hung: reported by each test
+    return runs
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corrupted_shard_raises_a_route_error_on_every_rank(corrupted_runs, name):
+    results = corrupted_runs[CORRUPTIONS[name][0]]
+    assert not isinstance(results, str), results
+    for rank, result in enumerate(results):
+        message = result[name]
+        assert message.startswith("ValueError") and "route" in message.lower(), (rank, message)

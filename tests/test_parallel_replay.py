@@ -105,6 +105,12 @@ def _reference(thd, full_weights=None):
             layer(x.view(batch, seq, HIDDEN).transpose(0, 1).contiguous())
         routes.append(handle.routes)
     drift_routers(layer)
+    # The drift really moves the live routing, so a replay that re-routed would be caught.
+    rerouted = 0
+    for x, recorded in zip(xs, routes):
+        with torch.no_grad(), routing(layer, "predict_record") as handle:
+            layer(x.view(batch, seq, HIDDEN).transpose(0, 1).contiguous())
+        rerouted += int((handle.routes.indices != recorded.indices).any(-1).sum())
     outs, input_grads = [], []
     with routing(layer, "replay", routes=routes):
         for x, g in zip(xs, gs):
@@ -120,6 +126,7 @@ def _reference(thd, full_weights=None):
         outs=outs,
         input_grads=input_grads,
         grads=full_tensors(layer, "grad"),
+        rerouted=rerouted,
     )
 
 
@@ -138,6 +145,9 @@ def _same_cache(a, b):
 
 def _rank_moe_layouts():
     """All MoE-layer layouts of MOE_LAYOUTS in one 4-rank launch (see the file header)."""
+    from par_util import cpu_patches
+
+    cpu_patches()  # before the first megatron-core import of this rank
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
@@ -229,6 +239,7 @@ def _rank_moe_layouts():
             )
             grad_err = compare_to_full(model, ref["grads"])
             results[name] = dict(
+                drift_rerouted=ref["rerouted"],
                 record_ok=record_ok,
                 gathered=len(gathered),
                 routes=routes_check,
@@ -259,6 +270,7 @@ def moe_layouts():
 def test_moe_layer_replay_matches_single_rank(moe_layouts, layout):
     for rank, result in enumerate(moe_layouts):
         r = result[layout]
+        assert r["drift_rerouted"] > 0  # the live router no longer picks the recorded experts
         assert r["routes"]["calls"] >= 1 and r["routes"]["mismatched_rows"] == 0, (rank, r)
         assert r["out_err"] <= TOL, (rank, r)
         assert r["in_err"] <= TOL, (rank, r)

@@ -265,6 +265,9 @@ def _reference_rollout():
 
 
 def _rank_predictor_replicas():
+    from par_util import cpu_patches
+
+    cpu_patches()  # before the first megatron-core import of this rank
     with init_megatron_parallel():
         refs = {cache: _reference_training(cache) for cache in (4, 1)}
         rollout = _reference_rollout()
@@ -360,6 +363,9 @@ def _cpu_checkpointing():
 
 
 def _rank_checkpoint(ckpt_dir):
+    from par_util import cpu_patches
+
+    cpu_patches()  # before the first megatron-core import of this rank
     import multiprocessing
 
     import torch.distributed as dist
