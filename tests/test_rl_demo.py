@@ -52,6 +52,9 @@ def test_verdicts_respect_seed_spread():
     assert "reward: a 0.8 vs b 0.7" in lines and "a better" in lines
     assert "clip frac" in lines and "a WORSE" in lines
     assert "max r" in lines and "within seed spread" in lines
+    (head,) = report.headline(summary, [("a", "b")])
+    assert "better on 1 (reward)" in head and "worse on 1 (clip frac)" in head
+    assert "no clear difference on 1 metrics" in head
 
 
 def test_plots_are_written(tmp_path):

@@ -482,7 +482,7 @@ def compare(args, preset: Preset) -> int:
     print()
     print(report.text_table(summary, modes))
     print()
-    for line in report.verdicts(summary, [("pr2", "r2"), ("pr2-r3", "r3")]):
+    for line in report.headline(summary, [("pr2", "r2"), ("pr2-r3", "r3"), ("r2", "none")]):
         print(line)
     if n1_check is not None:
         print(

@@ -164,6 +164,42 @@ def ministep_tables(
     return "\n".join(lines)
 
 
+def headline(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
+    """One line per pair: on how many directional metrics A is better / worse / unclear."""
+    lines = []
+    for a, b in pairs:
+        if a not in summary or b not in summary:
+            continue
+        counts = {"better": [], "WORSE": [], "unclear": []}
+        for line, (key, title, direction) in _directional(summary, a, b):
+            counts[line].append(title)
+        lines.append(
+            f"- **{a} vs {b}**: better on {len(counts['better'])} "
+            f"({', '.join(counts['better']) or '-'}), worse on {len(counts['WORSE'])} "
+            f"({', '.join(counts['WORSE']) or '-'}), no clear difference on "
+            f"{len(counts['unclear'])} metrics."
+        )
+    return lines
+
+
+def _directional(summary, a: str, b: str):
+    """(verdict, metric) for every directional metric measured in both modes."""
+    out = []
+    for key, title, direction in TABLE_METRICS:
+        if direction == 0 or key.startswith("time/"):
+            continue
+        (ma, sa), (mb, sb) = summary[a][key], summary[b][key]
+        if ma is None or mb is None:
+            continue
+        diff = ma - mb
+        if diff == 0 or abs(diff) <= max(sa or 0.0, sb or 0.0):
+            verdict = "unclear"
+        else:
+            verdict = "better" if diff * direction > 0 else "WORSE"
+        out.append((verdict, (key, title, direction)))
+    return out
+
+
 def verdicts(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
     """Plain statements 'A vs B' per directional metric, saying when a gap is within the
     seed-to-seed spread (the larger of the two stds) rather than calling it a win."""
@@ -264,6 +300,9 @@ def write_report(
             f"- SFT warm start (greedy, held-out): exact match {sft_eval.get('eval/exact_match', float('nan')):.3f}, "
             f"reward {sft_eval.get('eval/reward', float('nan')):.3f}"
         ]
+    pairs = [("pr2", "r2"), ("pr2-r3", "r3"), ("r2", "none"), ("r3", "none")]
+    lines += ["", "## Headline (computed; 'no clear difference' = gap within the seed spread)", ""]
+    lines += headline(summary, pairs)
     lines += ["", "## Results", "", markdown_table(summary, modes), ""]
     lines += [
         "Metric notes: 'replay/live top-k acc' is |replayed route ∩ live top-k| / k over the "
@@ -275,8 +314,10 @@ def write_report(
         "route with the trainer's plain live top-k at theta_old (no predictor). 'train-inf KL' is "
         "KL(pi_rollout || pi_old) on the sampled tokens (k3 estimator); in pr2 / pr2-r3 pi_old "
         "routes with predicted experts, so it also contains the predicted-route shift. "
-        "Ratios r = pi_theta / pi_old are over all mini-steps; mini-step 1 has r = 1 up to "
-        "numerics.",
+        "Ratios r = pi_theta / pi_old are over all mini-steps. At mini-step 1 r = 1 up to "
+        "numerics, except in pr2: its pi_old (the predict_record pass) takes the gates from "
+        "the effective logits p_old + h W_p, while training gates use the live logits only, "
+        "so its ratios start off 1 (see the clip fraction at mini-step 1 below).",
         "",
         "",
         "## Per mini-step (same statistics)",
@@ -286,7 +327,7 @@ def write_report(
         "## Verdicts (computed from the table)",
         "",
     ]
-    lines += verdicts(summary, [("pr2", "r2"), ("pr2-r3", "r3"), ("r2", "none"), ("r3", "none")])
+    lines += verdicts(summary, pairs)
     lines += [""]
     if n1_check is not None:
         lines += ["## N=1 check: R2 and PR2 identical when N = 1", ""]
