@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
-from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
 from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.predictor import predictor_loss
 from megatron_pr2.profiling import pr2_range
-from megatron_pr2.router import PR2Router, _TopKOverride
+from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 from megatron_pr2.sharding import moe_layer_pattern
 
@@ -44,24 +43,6 @@ def _in_backward() -> bool:
 def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[N] number of experts two [N, k] top-k index sets share."""
     return (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)
-
-
-@torch.no_grad()
-def live_topk(router: PR2Router, logits: torch.Tensor) -> torch.Tensor:
-    """[N, k] experts the live router picks for logits [N, E] (same selection rule as routing)."""
-    override = _TopKOverride(None)
-    topk_routing_with_score_function(
-        logits,
-        router.topk,
-        use_pre_softmax=router.config.moe_router_pre_softmax,
-        num_groups=router.config.moe_router_num_groups,
-        group_topk=router.config.moe_router_group_topk,
-        scaling_factor=router.config.moe_router_topk_scaling_factor,
-        score_function=router.score_function,
-        expert_bias=router.expert_bias,
-        router_replay=override,
-    )
-    return override.top_indices
 
 
 def cache_rows(layout: TokenLayout, cache_tokens_per_sequence: int) -> torch.Tensor:
@@ -302,7 +283,7 @@ class RoutingSession:
         live = None
         if local.has_missing:
             # missing_route_policy="fallback" (bind rejected missing routes otherwise).
-            live = live_topk(router, flat_logits)
+            live = router.live_topk(flat_logits)
             target = torch.where(target < 0, live, target)
         dropped = None if local.dropped is None else local.dropped[:, column]
         probs, routing_map, _, _ = router.route(logits, padding_mask, target, dropped)
@@ -329,15 +310,15 @@ class RoutingSession:
         if telemetry:
             with torch.no_grad():
                 if live is None:
-                    live = live_topk(router, flat_logits)
+                    live = router.live_topk(flat_logits)
                 overlap = topk_overlap(target, live)
                 tokens = len(overlap)
                 state.add("route_topk_accuracy", overlap.float().mean() / router.topk, tokens)
                 state.add("flip_rate", (overlap < router.topk).float().mean(), tokens)
                 if cached:
-                    live_top = live_topk(router, live_cached)
-                    r2_top = live_topk(router, old_logits)
-                    predicted_top = live_topk(router, old_logits + offset.detach())
+                    live_top = router.live_topk(live_cached)
+                    r2_top = router.live_topk(old_logits)
+                    predicted_top = router.live_topk(old_logits + offset.detach())
                     n = len(live_top)
                     r2_accuracy = topk_overlap(r2_top, live_top).float().mean() / router.topk
                     predictive = topk_overlap(predicted_top, live_top).float().mean() / router.topk

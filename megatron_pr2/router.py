@@ -136,20 +136,7 @@ class PR2Router(TopKRouter):
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
 
-        override = _TopKOverride(target)
-        probs, routing_map = topk_routing_with_score_function(
-            logits,
-            self.topk,
-            use_pre_softmax=self.config.moe_router_pre_softmax,
-            num_groups=self.config.moe_router_num_groups,
-            group_topk=self.config.moe_router_group_topk,
-            scaling_factor=self.config.moe_router_topk_scaling_factor,
-            score_function=self.score_function,
-            expert_bias=self.expert_bias,
-            fused=False,
-            router_replay=override,
-        )
-        top_indices = override.top_indices
+        probs, routing_map, top_indices = self.topk_routing(logits, target)
 
         if self.config.moe_expert_capacity_factor is not None:
             if dropped is None:
@@ -191,6 +178,29 @@ class PR2Router(TopKRouter):
         # (and post-drop) routing_map: aux-loss-free balancing reacts to the real load.
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map, top_indices, dropped
+
+    def topk_routing(self, logits: torch.Tensor, target: Optional[torch.Tensor] = None):
+        """Megatron's topk_routing_with_score_function for logits [T, E], top-k forced to
+        `target` [T, k] when given; returns probs [T, E], routing_map [T, E], top_indices [T, k]."""
+        override = _TopKOverride(target)
+        probs, routing_map = topk_routing_with_score_function(
+            logits,
+            self.topk,
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            num_groups=self.config.moe_router_num_groups,
+            group_topk=self.config.moe_router_group_topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            fused=False,
+            router_replay=override,
+        )
+        return probs, routing_map, override.top_indices
+
+    @torch.no_grad()
+    def live_topk(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, k] experts the live router picks for logits [T, E] (same selection rule)."""
+        return self.topk_routing(logits)[2]
 
     def _apply_recorded_drops(self, probs, top_indices, dropped):
         """Keep exactly the recorded (token, slot) pairs; pad to capacity with zero-prob tokens."""
