@@ -70,9 +70,17 @@ def _data():
 
 def _reference():
     """Single process: record routes, drift, replay 4 microbatches: losses and gradients."""
-    from par_util import build_pr2_gpt, drift_routers, full_tensors, run_schedule
+    from par_util import (
+        build_pr2_gpt,
+        capture_routes,
+        check_capture,
+        drift_routers,
+        full_tensors,
+        run_schedule,
+    )
 
     from megatron_pr2 import routing
+    from megatron_pr2.routes import TokenLayout
 
     data = _data()
     torch.manual_seed(3)
@@ -89,9 +97,11 @@ def _reference():
         int((a.indices != b.indices).any(-1).sum())
         for a, b in zip(live.routes_per_microbatch, routes)
     )
-    with routing(model, "replay", routes=routes):
+    with capture_routes(model) as capture, routing(model, "replay", routes=routes):
         losses = run_schedule(model, data, SEQ, MBS, forward_only=False)
     return dict(
+        # The single-rank replay itself routes every (token, layer) to the recorded experts.
+        routes_check=check_capture(capture, [TokenLayout.full(SEQ, MBS)] * NUM_MB, routes),
         weights=weights,
         routes=routes,
         losses=losses,
@@ -186,6 +196,7 @@ def _run_layout(name, ref, sources):
         return (
             dict(
                 drift_rerouted=ref["rerouted"],
+                reference_routes=ref["routes_check"],
                 record_ok=record_ok,
                 gathered=len(gathered),
                 routes=forward_check,
@@ -262,6 +273,7 @@ def test_gpt_replay_matches_single_rank(gpt_layouts, layout):
     for rank, result in enumerate(gpt_layouts):
         r = result[layout]
         assert r["drift_rerouted"] > 0  # the live router no longer picks the recorded experts
+        assert r["reference_routes"] == {"calls": NUM_MOE_LAYERS * NUM_MB, "mismatched_rows": 0}
         assert r["routes"]["calls"] >= 1 and r["routes"]["mismatched_rows"] == 0, (rank, r)
         assert r["loss_err"] <= TOL, (rank, r)
         assert r["grad_err"] <= TOL, (rank, r)

@@ -86,9 +86,18 @@ def _shape(thd):
 
 def _reference(thd, full_weights=None):
     """Single-process record (predict_record), drift, replay: routes, outputs, grads."""
-    from par_util import drift_routers, full_tensors, load_full, set_predictors, to_canonical
+    from par_util import (
+        capture_routes,
+        check_capture,
+        drift_routers,
+        full_tensors,
+        load_full,
+        set_predictors,
+        to_canonical,
+    )
 
     from megatron_pr2 import routing
+    from megatron_pr2.routes import TokenLayout
 
     batch, seq = _shape(thd)
     xs, gs = _data(thd)
@@ -112,7 +121,7 @@ def _reference(thd, full_weights=None):
             layer(x.view(batch, seq, HIDDEN).transpose(0, 1).contiguous())
         rerouted += int((handle.routes.indices != recorded.indices).any(-1).sum())
     outs, input_grads = [], []
-    with routing(layer, "replay", routes=routes):
+    with capture_routes(layer) as capture, routing(layer, "replay", routes=routes):
         for x, g in zip(xs, gs):
             x_sbh = x.view(batch, seq, HIDDEN).transpose(0, 1).contiguous().requires_grad_(True)
             out, _ = layer(x_sbh)
@@ -127,6 +136,8 @@ def _reference(thd, full_weights=None):
         input_grads=input_grads,
         grads=full_tensors(layer, "grad"),
         rerouted=rerouted,
+        # The single-rank replay itself routes every (token, layer) to the recorded experts.
+        routes_check=check_capture(capture, [TokenLayout.full(seq, batch)] * NUM_MB, routes),
     )
 
 
@@ -240,6 +251,7 @@ def _rank_moe_layouts():
             grad_err = compare_to_full(model, ref["grads"])
             results[name] = dict(
                 drift_rerouted=ref["rerouted"],
+                reference_routes=ref["routes_check"],
                 record_ok=record_ok,
                 gathered=len(gathered),
                 routes=routes_check,
@@ -271,6 +283,7 @@ def test_moe_layer_replay_matches_single_rank(moe_layouts, layout):
     for rank, result in enumerate(moe_layouts):
         r = result[layout]
         assert r["drift_rerouted"] > 0  # the live router no longer picks the recorded experts
+        assert r["reference_routes"]["mismatched_rows"] == 0, r["reference_routes"]
         assert r["routes"]["calls"] >= 1 and r["routes"]["mismatched_rows"] == 0, (rank, r)
         assert r["out_err"] <= TOL, (rank, r)
         assert r["in_err"] <= TOL, (rank, r)
