@@ -254,12 +254,10 @@ class RoutingSession:
         with pr2_range("record"):
             return self._record(*args)
 
-    def _record(self, router, state, microbatch, layout, hidden, logits, padding_mask, recompute):
-        effective = logits
-        if self.mode == "predict_record":
-            with torch.no_grad():
-                offset = router.predictor_offset(hidden)
-            effective = logits + offset.to(logits.dtype)
+    def _record(
+        self, router, state, microbatch, layout, hidden, effective, padding_mask, recompute
+    ):
+        # `effective`: live logits ("record"), or live logits + predictor offset ("predict_record").
         if recompute:
             done = state.recorded[microbatch]
             probs, routing_map, _, _ = router.route(
@@ -270,8 +268,10 @@ class RoutingSession:
         record = _Recorded(top_indices.detach(), None if dropped is None else dropped.detach())
         if self.mode == "predict_record":
             rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
-            record.hidden = hidden.reshape(-1, hidden.shape[-1])[rows].detach().float()
-            record.logits = logits.reshape(-1, logits.shape[-1])[rows].detach().float()
+            cached_hidden = hidden.reshape(-1, hidden.shape[-1])[rows].detach()
+            with torch.no_grad():
+                record.logits = router.gating(cached_hidden).float()  # p_old, no predictor
+            record.hidden = cached_hidden.float()
         state.recorded.append(record)
         return probs, routing_map
 

@@ -16,13 +16,14 @@ from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     get_capacity,
+    router_gating_linear,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_pr2.config import PR2Config
-from megatron_pr2.predictor import build_predictor
+from megatron_pr2.predictor import LinearPredictor, build_predictor
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.sharding import global_moe_layer_id
 
@@ -105,8 +106,28 @@ class PR2Router(TopKRouter):
             return super().forward(input, padding_mask)
         self._maintain_float32_expert_bias()
         input = self.apply_input_jitter(input)
-        logits = self.gating(input)
+        if self.session.mode == "predict_record":
+            logits = self.predicted_gating(input)
+        else:
+            logits = self.gating(input)
         return self.session.route(self, input, logits, padding_mask)
+
+    def predicted_gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Effective logits p_old + h W_p of the predict_record pass; the predictor term carries
+        no gradient (the router's own term does, if grad is enabled)."""
+        if isinstance(self.predictor, LinearPredictor) and not torch.is_grad_enabled():
+            # The RL old-policy pass runs without grad: one GEMM with W_g + W_p instead of two
+            # (exact for a zero predictor, so PR2 still starts as R2 bit for bit).
+            weight = self.weight + self.predictor.weight.to(self.weight.dtype)
+            router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+                self.config.moe_router_dtype, input.dtype
+            )
+            with pr2_range("predictor"):
+                return router_gating_linear(input, weight, self.bias, router_dtype)
+        logits = self.gating(input)
+        with torch.no_grad():
+            offset = self.predictor_offset(input)
+        return logits + offset.to(logits.dtype)
 
     def predictor_offset(self, hidden: torch.Tensor) -> torch.Tensor:
         """Predicted logit drift h W_p for router inputs hidden [..., H], in the logits' dtype."""
