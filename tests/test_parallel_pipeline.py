@@ -1,7 +1,8 @@
 # Route replay in a tiny PR2 GPTModel under Megatron's schedules, against a single-process
 # reference: TP2 + SP x EP2 (no pipelining, DP2), TP2 + SP x PP2 x EP2 with the 1F1B schedule,
 # the same with full activation recompute, and TP2 + SP x PP2 x VPP2 x EP2 (interleaved).
-# Plus: corrupted route shards must raise on every rank of a PP2 launch (never hang).
+# Plus: corrupted route shards (wrong token count, missing MoE layer; handed directly or through
+# scatter_routes; TP2 + SP, PP2, TP2 x PP2) must raise a route error on every rank (never hang).
 #
 # Model: 4 layers, the first dense (moe_layer_freq [0, 1, 1, 1]: MoE-layer ids differ from layer
 # numbers), hidden 32, 8 experts top-2, sequences of 16 tokens, micro-batch size 2, 4
