@@ -4,13 +4,11 @@
 # calls the helpers below, so supporting a new release means editing one file.
 
 import functools
-import inspect
 from typing import Any, Callable, Optional
 
 import megatron.core
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from packaging.version import Version
 
@@ -25,22 +23,6 @@ def check_mcore_version() -> None:
             f"megatron-pr2 supports megatron-core >={MIN_MCORE},<{MAX_MCORE_EXCLUSIVE}; "
             f"found {MCORE_VERSION}"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Router constructor: 0.16 takes (config, pg_collection); 0.17+ adds is_mtp_layer.
-# ---------------------------------------------------------------------------------------------
-ROUTER_TAKES_IS_MTP_LAYER = "is_mtp_layer" in inspect.signature(TopKRouter.__init__).parameters
-
-
-def router_init_kwargs(pg_collection: Any, is_mtp_layer: bool = False) -> dict:
-    """Keyword arguments for TopKRouter.__init__ on the installed release."""
-    kwargs = {"pg_collection": pg_collection}
-    if ROUTER_TAKES_IS_MTP_LAYER:
-        kwargs["is_mtp_layer"] = is_mtp_layer
-    elif is_mtp_layer:
-        raise ValueError(f"is_mtp_layer=True needs megatron-core >= 0.17 (found {MCORE_VERSION})")
-    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,11 +62,22 @@ reduce_aux_losses_tracker_across_ranks: Callable = moe_utils.reduce_aux_losses_t
 track_moe_metrics: Callable = moe_utils.track_moe_metrics
 
 
+def _live_moe_metrics() -> dict:
+    """The tracker's own entry dict (0.19: MoEMetricsTracker.metrics; 0.16: the global dict)."""
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        return moe_utils.get_moe_metrics_tracker().metrics
+    return moe_utils.get_moe_layer_wise_logging_tracker()
+
+
 def discard_moe_metrics(names) -> None:
     """Remove the named entries from Megatron-Core's MoE metrics tracker (missing names: no-op)."""
-    if hasattr(moe_utils, "get_moe_metrics_tracker"):
-        live = moe_utils.get_moe_metrics_tracker().metrics
-    else:
-        live = moe_utils.get_moe_layer_wise_logging_tracker()
+    live = _live_moe_metrics()
     for name in names:
         live.pop(name, None)
+
+
+def reset_moe_metrics() -> None:
+    """Drop every entry of the tracker. Megatron sizes an entry by the layer count of the first
+    model that logs into it, so models of different depths in one process (tests, sweeps) need
+    the entries dropped, not just zeroed as clear_aux_losses_tracker does."""
+    _live_moe_metrics().clear()

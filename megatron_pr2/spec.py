@@ -14,7 +14,7 @@ from typing import Any
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_pr2.compat import moe_submodules_of
+from megatron_pr2.compat import check_mcore_version, moe_submodules_of
 from megatron_pr2.config import PR2Config
 from megatron_pr2.router import PR2Router
 
@@ -55,6 +55,7 @@ def apply_pr2(spec: Any, config: PR2Config) -> Any:
 
     Raises ValueError if `config` is not a PR2Config or the spec contains no MoE layer.
     """
+    check_mcore_version()
     if not isinstance(config, PR2Config):
         raise ValueError(f"apply_pr2 config={config!r}: expected a megatron_pr2.PR2Config")
     spec = copy.deepcopy(spec)

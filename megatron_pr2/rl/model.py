@@ -154,25 +154,10 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> Transform
 
 
 def reset_moe_metrics_tracker() -> None:
-    """Drop Megatron's global per-layer aux-loss logging entries.
+    """Drop Megatron's per-layer aux-loss logging entries (see compat.reset_moe_metrics)."""
+    from megatron_pr2.compat import reset_moe_metrics
 
-    Megatron sizes each entry by the layer count of the first model that logs into it; a model
-    with more layers built later in the same process then indexes past its end. Clearing the
-    entries (not just zeroing them, which is all clear_aux_losses_tracker does) lets models of
-    different depths share a process (tests, sweeps). 0.16 keeps a dict, 0.19 a tracker object.
-    TODO(compat owner): move this into megatron_pr2.compat as reset_aux_losses_tracker().
-    """
-    from megatron.core.transformer.moe import moe_utils
-
-    getter = getattr(moe_utils, "get_moe_metrics_tracker", None)
-    if getter is not None:
-        entries = getattr(getter(), "_metrics", None)
-        if isinstance(entries, dict):
-            entries.clear()
-            return
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    if isinstance(tracker, dict):
-        tracker.clear()
+    reset_moe_metrics()
 
 
 def build_gpt_model(
