@@ -269,8 +269,12 @@ class RoutingSession:
         if self.mode == "predict_record":
             rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
             cached_hidden = hidden.reshape(-1, hidden.shape[-1])[rows].detach()
-            with torch.no_grad():
-                record.logits = router.gating(cached_hidden).float()  # p_old, no predictor
+            # p_old (without the predictor) of the cached rows; a rank may hold none of them.
+            p_old = effective.new_zeros(0, effective.shape[-1])
+            if rows.numel():
+                with torch.no_grad():
+                    p_old = router.gating(cached_hidden)
+            record.logits = p_old.float()
             record.hidden = cached_hidden.float()
         state.recorded.append(record)
         return probs, routing_map
