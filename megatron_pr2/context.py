@@ -75,6 +75,7 @@ class _LocalRoutes:
     cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
     cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
     has_missing: bool = False  # some (token, layer) has no route (fallback policy only)
+    cache_share: Optional[float] = None  # C_local / C of the microbatch (token-sharding ranks)
 
     def to(self, device: torch.device) -> "_LocalRoutes":
         """Move every tensor to `device` once per microbatch (not once per layer)."""
@@ -221,7 +222,47 @@ class RoutingSession:
                     "without sequence parallelism they route the same tokens and must replay "
                     "identical routes"
                 )
+        if local.cache_rows is not None:
+            mine = float(local.cache_rows.numel())
+            count = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
+            # Ranks holding different tokens of this microbatch: TP x CP under sequence
+            # parallelism, CP alone otherwise (TP peers then route the same tokens).
+            shards = router.tp_cp_group if router.config.sequence_parallel else router.cp_group
+            if torch.distributed.is_initialized() and shards.size() > 1:
+                torch.distributed.all_reduce(count, group=shards)
+            local.cache_share = mine / float(count) if float(count) > 0 else 0.0
         self._local[microbatch] = local.to(hidden.device)
+
+    def agree_on_entry(self, group) -> None:
+        """Validate every microbatch's routes before any forward and raise on every rank of
+        `group` (e.g. the pipeline group, or all ranks of the step) if any rank's are invalid."""
+        error = None
+        try:
+            for microbatch, batch in enumerate(self.routes):
+                layout = self.layout
+                if layout is None and batch.token_index is not None:
+                    layout = TokenLayout(
+                        batch.token_index, batch.num_tokens, batch.seq_length or batch.num_tokens
+                    )
+                if layout is None:  # full routes: the token count is checked at the first forward
+                    layout = TokenLayout(
+                        torch.arange(batch.num_tokens), batch.num_tokens, batch.num_tokens
+                    )
+                self._decode(microbatch, layout, self.routers[0])
+        except ValueError as exc:
+            error = exc
+        if torch.distributed.is_initialized():
+            backend = str(torch.distributed.get_backend(group)).lower()
+            device = torch.cuda.current_device() if "nccl" in backend else "cpu"
+            flag = torch.tensor([0 if error is None else 1], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+            if error is None and int(flag) != 0:
+                error = ValueError(
+                    "routing(replay): another rank of the group rejected its routes (see that "
+                    "rank's error)"
+                )
+        if error is not None:
+            raise error
 
     # -- the router hook -------------------------------------------------------------------------
     def route(self, router: PR2Router, hidden, logits, padding_mask):
@@ -307,7 +348,10 @@ class RoutingSession:
                 loss = predictor_loss(config.loss, live_cached, old_logits, offset)
         if router.training and torch.is_grad_enabled():
             if train_predictor:
-                probs = router.attach_predictor_loss(probs, loss)
+                # The objective is the mean over the microbatch's cached tokens; this rank holds
+                # C_local of C (sequence / context parallel shards), and Megatron sums
+                # sequence-parallel grads over TP: weight the local mean by C_local / C.
+                probs = router.attach_predictor_loss(probs, loss * local.cache_share)
             else:
                 probs = router.attach_zero_predictor_grad(probs)
 
@@ -501,6 +545,7 @@ def routing(
     *,
     ministep: int = 1,
     layout: Optional[TokenLayout] = None,
+    group=None,
 ) -> Iterator[RoutingHandle]:
     """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
 
@@ -537,6 +582,9 @@ def routing(
     if any(r.session is not None for r in routers):
         raise RuntimeError("routing() contexts cannot nest on the same model")
     session = RoutingSession(mode, routers, list(routes) if routes else None, ministep, layout)
+    if mode == "replay" and group is not None:
+        # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
+        session.agree_on_entry(group)
     for router in routers:
         router.session = session
     try:

@@ -665,6 +665,33 @@ def scatter_routes(
     group: Any = None,
     src: int = 0,
 ) -> RouteBatch:
+    """_scatter_routes, then every rank of the group raises if any rank failed."""
+    group, rank, _ = _group_info(group)
+    error: Optional[ValueError] = None
+    local = None
+    try:
+        local = _scatter_routes(routes, layout, layer_ids, group, src)
+    except ValueError as exc:
+        error = exc
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag) != 0:
+        raise ValueError(
+            f"scatter_routes: another rank of the group could not get its route shard (see its "
+            f"error); rank {rank} stops too"
+        )
+    return local
+
+
+def _scatter_routes(
+    routes: Optional[RouteBatch],
+    layout: TokenLayout,
+    layer_ids: IntSeq,
+    group: Any = None,
+    src: int = 0,
+) -> RouteBatch:
     """Give every rank of `group` its own route shard from the canonical batch on `src`.
 
     `src` is a rank *within* `group`; only it needs `routes` (others pass None). Protocol

@@ -4,9 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from single_rank import single_rank
-
 from harness import build_tiny_gpt, make_moe_config
+from single_rank import single_rank
 
 
 @pytest.fixture(scope="module")
