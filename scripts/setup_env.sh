@@ -25,4 +25,6 @@ esac
 # Dependencies are installed above; --no-deps keeps pip from re-resolving megatron-core's
 # Requires-Python on 0.17+.
 "${PIP[@]}" --no-deps -e .
-"${VENV_DIR}/bin/python" -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
+# On CPU machines megatron-core 0.19 imports only after the CPU patches (no triton there).
+"${VENV_DIR}/bin/python" -c "from megatron_pr2.cpu import apply_cpu_patches; apply_cpu_patches()
+import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
