@@ -545,7 +545,7 @@ def routing(
     *,
     ministep: int = 1,
     layout: Optional[TokenLayout] = None,
-    group=None,
+    group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> Iterator[RoutingHandle]:
     """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
 
@@ -555,6 +555,11 @@ def routing(
     ministep: 1-based mini-step of the rollout batch; the predictor loss joins the backward pass
     from PR2Config.loss_start_ministep on.
     layout: which canonical tokens this rank routes (sharded layouts; default: all of them).
+    group: replay only; a process group whose ranks all enter this context (e.g. the world, or
+    the pipeline group). Every microbatch's routes are validated on entry and, if any rank's are
+    invalid, every rank of the group raises before the first forward. Without it, validation
+    is agreed per microbatch among the ranks of a pipeline stage (tp x dp x cp), which cannot
+    reach the other stages of a pipeline.
     """
     if mode not in MODES:
         raise ValueError(f"routing mode={mode!r}: must be one of {MODES}")
