@@ -21,6 +21,28 @@ import torch
 FullKey = Tuple[str, Tuple[int, ...]]
 
 
+# A 4-layer GPT whose first layer is dense, so MoE-layer ids differ from layer numbers.
+MOE_LAYER_FREQ = [0, 1, 1, 1]
+
+
+def tiny_gpt_config(**overrides: Any) -> Any:
+    """The tiny fp32 MoE GPT config of the multi-rank replay tests (harness.make_moe_config)."""
+    from harness import make_moe_config
+
+    return make_moe_config(
+        num_layers=len(MOE_LAYER_FREQ),
+        moe_layer_freq=MOE_LAYER_FREQ,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        moe_ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_moe_experts=8,
+        moe_router_topk=2,
+        pipeline_dtype=torch.float32,
+        **overrides,
+    )
+
+
 def cpu_patches() -> None:
     """megatron_pr2's CPU / gloo patches; first thing in a rank, before any megatron-core import
     (megatron-core 0.19 imports triton at package import unless the patches stub it)."""

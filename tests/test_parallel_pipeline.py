@@ -21,10 +21,10 @@
 
 import pytest
 import torch
-from harness import init_megatron_parallel, make_moe_config, run_distributed
+from harness import init_megatron_parallel, run_distributed
+from par_util import MOE_LAYER_FREQ, tiny_gpt_config
 
 VOCAB, SEQ, MBS, NUM_MB = 64, 16, 2, 4
-MOE_LAYER_FREQ = [0, 1, 1, 1]
 NUM_MOE_LAYERS = sum(MOE_LAYER_FREQ)
 TOL = 1e-5
 
@@ -46,21 +46,6 @@ GPT_LAYOUTS = {
         "tp2sp_pp2_ep2",
     ),
 }
-
-
-def _gpt_config(**overrides):
-    return make_moe_config(
-        num_layers=len(MOE_LAYER_FREQ),
-        moe_layer_freq=MOE_LAYER_FREQ,
-        hidden_size=32,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=64,
-        num_attention_heads=4,
-        num_moe_experts=8,
-        moe_router_topk=2,
-        pipeline_dtype=torch.float32,
-        **overrides,
-    )
 
 
 def _data():
@@ -85,7 +70,7 @@ def _reference():
 
     data = _data()
     torch.manual_seed(3)
-    model = build_pr2_gpt(_gpt_config(), VOCAB, SEQ)
+    model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
     weights = full_tensors(model)
     with routing(model, "record") as handle:
         run_schedule(model, data, SEQ, MBS, forward_only=True)
@@ -145,7 +130,7 @@ def _run_layout(name, ref, sources):
     data = _data()
     with init_megatron_parallel(**sizes):
         vpp = sizes.get("vpp")
-        config = _gpt_config(virtual_pipeline_model_parallel_size=vpp, **extra)
+        config = tiny_gpt_config(virtual_pipeline_model_parallel_size=vpp, **extra)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         group = ps.get_model_parallel_group()  # TP x PP: the ranks sharing one microbatch
         layout = layout_for_rank(
@@ -250,7 +235,7 @@ def _rank_gpt_layouts():
     # Routes recorded on TP2 x PP2, replayed on a single rank: the same experts everywhere.
     with init_megatron_parallel():
         torch.manual_seed(3)
-        model = build_pr2_gpt(_gpt_config(), VOCAB, SEQ)
+        model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
         load_full(model, ref["weights"])
         drift_routers(model)
         routes = [sources["tp2sp_pp2_ep2"][m] for m in range(NUM_MB)]
@@ -355,7 +340,7 @@ def _run_corrupted(name):
     _, sizes, path, kind, agree_on_entry = CORRUPTIONS[name]
     with init_megatron_parallel(**sizes):
         tp = sizes.get("tp", 1)
-        config = _gpt_config()
+        config = tiny_gpt_config()
         model = build_pr2_gpt(config, VOCAB, SEQ)
         layout = layout_for_rank(
             MBS,

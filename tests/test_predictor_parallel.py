@@ -21,28 +21,13 @@
 
 import pytest
 import torch
-from harness import init_megatron_parallel, make_moe_config, run_distributed
+from harness import init_megatron_parallel, run_distributed
+from par_util import tiny_gpt_config
 
 VOCAB, SEQ, MBS = 64, 16, 2
-MOE_LAYER_FREQ = [0, 1, 1, 1]
 MINISTEPS = [2, 1, 2]
 PREDICTOR_LR = 10.0
 TOL = 1e-5
-
-
-def _config(**overrides):
-    return make_moe_config(
-        num_layers=len(MOE_LAYER_FREQ),
-        moe_layer_freq=MOE_LAYER_FREQ,
-        hidden_size=32,
-        ffn_hidden_size=64,
-        moe_ffn_hidden_size=64,
-        num_attention_heads=4,
-        num_moe_experts=8,
-        moe_router_topk=2,
-        pipeline_dtype=torch.float32,
-        **overrides,
-    )
 
 
 def _step_data(step):
@@ -83,7 +68,7 @@ def _reference_training(cache_tokens):
     from megatron_pr2 import routing
 
     torch.manual_seed(3)
-    model = build_pr2_gpt(_config(), VOCAB, SEQ, cache_tokens_per_sequence=cache_tokens)
+    model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ, cache_tokens_per_sequence=cache_tokens)
     weights = full_tensors(model)
     keys = _predictor_keys(model)
     steps = []
@@ -125,7 +110,7 @@ def _parallel_training(ref, cache_tokens):
 
     out = dict(steps=[])
     with init_megatron_parallel(tp=2):
-        config = _config()
+        config = tiny_gpt_config()
         model = wrap_ddp(
             config,
             build_pr2_gpt(config, VOCAB, SEQ, cache_tokens_per_sequence=cache_tokens),
@@ -216,7 +201,7 @@ def _tp_rollout_routes(ref_routes):
     from megatron_pr2.sharding import gather_routes
 
     with init_megatron_parallel(tp=2):
-        config = _config(sequence_parallel=False)
+        config = tiny_gpt_config(sequence_parallel=False)
         model = build_pr2_gpt(config, VOCAB, SEQ, cache_tokens_per_sequence=4)
         load_full(model, ref_routes["weights"])
         for chunk in model:
@@ -248,7 +233,7 @@ def _reference_rollout():
     from megatron_pr2 import routing
 
     torch.manual_seed(3)
-    model = build_pr2_gpt(_config(), VOCAB, SEQ, cache_tokens_per_sequence=4)
+    model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ, cache_tokens_per_sequence=4)
     with torch.no_grad(), routing(model, "record") as plain:
         run_schedule(model, _step_data(0), SEQ, MBS, forward_only=True)
     set_predictors(model)
@@ -374,7 +359,7 @@ def _rank_checkpoint(ckpt_dir):
 
     with init_megatron_parallel():
         torch.manual_seed(3)
-        reference = build_pr2_gpt(_config(), VOCAB, SEQ)
+        reference = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
         set_predictors(reference)  # non-zero, so a load that drops them shows
         drift_routers(reference)
         weights = full_tensors(reference)
@@ -385,14 +370,14 @@ def _rank_checkpoint(ckpt_dir):
     _cpu_checkpointing()
     out = {}
     with init_megatron_parallel(tp=2):
-        model = build_pr2_gpt(_config(), VOCAB, SEQ)
+        model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
         load_full(model, weights)
         dist_checkpointing.save(model[0].sharded_state_dict(), ckpt_dir)
         dist.barrier()
     for name, sizes in LOAD_LAYOUTS.items():
         with init_megatron_parallel(**sizes):
             torch.manual_seed(1000 + dist.get_rank())
-            fresh = build_pr2_gpt(_config(), VOCAB, SEQ)
+            fresh = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
             before = _router_and_predictor_errors(fresh, weights)
             state = dist_checkpointing.load(fresh[0].sharded_state_dict(), ckpt_dir)
             fresh[0].load_state_dict(state)
