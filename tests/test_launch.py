@@ -211,6 +211,21 @@ def test_slurm_dry_run(fake_bin):
     assert "# node 1 of 2 (SLURM_NODEID=1) runs" in lines
 
 
+def test_slurm_large_allocation_first_host(tmp_path):
+    # 20k hosts overflow the pipe buffer: a `scontrol ... | head -n1` under pipefail dies with
+    # SIGPIPE (exit 141) here; the launcher must read the whole list and keep the first host.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_exe(
+        bin_dir / "scontrol",
+        '#!/bin/sh\ni=0\nwhile [ $i -lt 20000 ]; do echo "node-$i"; i=$((i + 1)); done\n',
+    )
+    env = dict(SLURM_ENV, SLURM_JOB_NODELIST="node-[0-19999]", SLURM_NNODES="20000")
+    env["PATH"] = str(bin_dir) + os.pathsep + os.environ["PATH"]
+    out = _run("slurm.sbatch", ["--dry-run"], env=env).stdout
+    assert "export MASTER_ADDR=node-0" in out.splitlines()
+
+
 def test_slurm_overrides_and_passthrough(fake_bin):
     env = dict(
         SLURM_ENV,
