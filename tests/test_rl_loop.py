@@ -127,6 +127,24 @@ def test_loop_runs_every_mode(setup, tmp_path, mode):
     assert trainer.latest_checkpoint() is not None
 
 
+@pytest.mark.parametrize("predictor", ["lowrank", "bias"])
+def test_other_predictor_kinds_start_from_a_linear_warm_start(setup, tmp_path, predictor):
+    # The warm start holds `linear` predictor weights; the other kinds start from their own
+    # zero-offset init and train from mini-step 2, while every policy weight is loaded.
+    pr2 = PR2Config(predictor=predictor, alpha=10.0, cache_tokens_per_sequence=64)
+    trainer = make_trainer(setup, micro_rl_config("pr2", steps=1, pr2=pr2), tmp_path)
+    policy = {
+        n: v
+        for n, v in trainer.model.state_dict().items()
+        if isinstance(v, torch.Tensor) and ".predictor." not in n
+    }
+    assert policy and all(torch.equal(v, setup["state"][n]) for n, v in policy.items())
+    row = trainer.train(progress=False)[0]
+    assert math.isfinite(row["pr2/predictor_loss/ministep_2"])
+    pred = [p for n, p in trainer.model.named_parameters() if ".predictor." in n]
+    assert pred and any(float(p.abs().sum()) > 0 for p in pred)
+
+
 def test_n1_r2_and_pr2_are_identical(setup, tmp_path):
     """With one mini-step the predictor never trains: PR2 must reproduce R2 exactly."""
     results = {}

@@ -256,36 +256,44 @@ def prepare(run_dir: str, preset: Preset, expert_parallel_size: int = 1):
         model_cfg, task_cfg, sft_cfg, tokenizer, {"world": world}, {"pr2": "linear"}
     )
     file = sft_checkpoint_file(run_dir, key)
-    eval_file = os.path.join(os.path.dirname(file), "eval.json")
-    if os.path.exists(file) and os.path.exists(eval_file):
+    # The evaluation is cached per problem count: runs with other --eval-problems reuse the SFT.
+    eval_file = os.path.join(os.path.dirname(file), f"eval-{preset.eval_problems}.json")
+    t0 = time.time()
+    if os.path.exists(file):
         _log(f"SFT warm start: cached {os.path.dirname(file)}")
         state = torch.load(file, map_location="cpu", weights_only=True)
-        with open(eval_file) as f:
-            return task, tokenizer, state, json.load(f)
-    t0 = time.time()
-    model = build_gpt_model(
-        model_cfg, tokenizer.padded_vocab_size(), rl_cfg.pr2, torch.float32, seed=sft_cfg.seed
-    )
-    seq_length = 1 + task_cfg.prompt_chars + task_cfg.max_answer_chars + 1
-    run_sft(model, task, tokenizer, sft_cfg, seq_length, log=_log)
-    state = full_state_dict(model)  # collective over EP: every rank calls it
-    # Greedy evaluation of the warm start, with the same evaluator as the RL runs.
-    trainer = RLTrainer(
-        rl_cfg, model_cfg, task, tokenizer, os.path.join(run_dir, "sft-eval"), init_state=state
-    )
-    sft_eval = trainer.evaluate(preset.eval_problems)
+        if os.path.exists(eval_file):
+            with open(eval_file) as f:
+                return task, tokenizer, state, json.load(f)
+    else:
+        model = build_gpt_model(
+            model_cfg, tokenizer.padded_vocab_size(), rl_cfg.pr2, torch.float32, seed=sft_cfg.seed
+        )
+        seq_length = 1 + task_cfg.prompt_chars + task_cfg.max_answer_chars + 1
+        run_sft(model, task, tokenizer, sft_cfg, seq_length, log=_log)
+        state = full_state_dict(model)  # collective over EP: every rank calls it
+        dist.barrier()
+        if rank == 0:
+            save_state_atomic(state, file)
+    sft_eval, quality = {}, ""
+    if preset.eval_problems:
+        # Greedy evaluation of the warm start, with the same evaluator as the RL runs.
+        trainer = RLTrainer(
+            rl_cfg, model_cfg, task, tokenizer, os.path.join(run_dir, "sft-eval"), init_state=state
+        )
+        sft_eval = trainer.evaluate(preset.eval_problems)
+        quality = (
+            f", greedy exact match {sft_eval['eval/exact_match']:.3f}, "
+            f"reward {sft_eval['eval/reward']:.3f}"
+        )
     sft_eval["seconds"] = time.time() - t0
     dist.barrier()
     if rank == 0:
-        save_state_atomic(state, file)
         with open(eval_file + ".tmp", "w") as f:
             json.dump(sft_eval, f)
         os.replace(eval_file + ".tmp", eval_file)
     dist.barrier()
-    _log(
-        f"SFT warm start: {sft_cfg.steps} steps in {sft_eval['seconds']:.1f}s, greedy exact "
-        f"match {sft_eval['eval/exact_match']:.3f}, reward {sft_eval['eval/reward']:.3f}"
-    )
+    _log(f"SFT warm start and evaluation: {sft_eval['seconds']:.1f}s{quality}")
     return task, tokenizer, state, sft_eval
 
 

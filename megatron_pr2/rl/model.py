@@ -339,14 +339,20 @@ def full_state_dict(model: torch.nn.Module) -> dict:
 
 
 def load_full_state_dict(model: torch.nn.Module, full: dict) -> None:
-    """Load a full_state_dict() into a model of any expert-parallel size (strict)."""
+    """Load a full_state_dict() into a model of any expert-parallel size.
+
+    Every policy entry must be present. PR2 predictor entries of another predictor kind (a warm
+    start saved with `linear`, loaded with `lowrank`) are absent: those predictors keep their
+    zero-offset initialisation, so the run still starts as plain R2.
+    """
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     n_local = _num_local_experts(model)
     local = {}
     for key in model.state_dict():
         m = _EXPERT_KEY.match(key)
         src = f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}" if m else key
-        if src not in full:
+        if src in full:
+            local[key] = full[src]
+        elif ".predictor." not in key:
             raise ValueError(f"full state dict has no entry {src} (for {key})")
-        local[key] = full[src]
-    model.load_state_dict(local, strict=True)
+    model.load_state_dict(local, strict=False)
