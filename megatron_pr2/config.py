@@ -6,7 +6,7 @@
 from dataclasses import dataclass, fields
 from typing import Optional
 
-PREDICTOR_KINDS = ("linear", "lowrank", "bias")
+PREDICTOR_KINDS = ("linear", "lowrank", "bias", "lookahead")
 LOSS_KINDS = ("kl-post", "delta-kl", "l2")
 MISSING_ROUTE_POLICIES = ("error", "fallback")
 
@@ -18,10 +18,17 @@ class PR2Config:
     predictor: str = "linear"
     """Evolution predictor kind. "linear": a hidden x num_experts head W_p without bias,
     zero-initialised (the paper's default, so PR2 starts exactly as R2). "lowrank": W_p = A B with
-    rank `predictor_rank` (B zero-initialised). "bias": one learned logit offset per expert."""
+    rank `predictor_rank` (B zero-initialised). "bias": one learned logit offset per expert.
+    "lookahead": weight-space lookahead without learned parameters, W_p = lookahead_scale x the
+    router weight's change over the previous rollout batch (the loss is then only reported)."""
 
     predictor_rank: int = 16
     """Rank of the "lowrank" predictor; ignored by the other kinds."""
+
+    lookahead_scale: float = 0.5
+    """Fraction of the previous rollout batch's router-weight change that the "lookahead"
+    predictor extrapolates: with N optimizer steps per batch, mini-step i has seen i - 1 of them,
+    so 0.5 aims at the middle of the next batch. Ignored by the other kinds."""
 
     loss: str = "kl-post"
     """Predictor objective. "kl-post" (paper): KL(softmax(p_live) || softmax(p_old + h_old W_p)).
@@ -65,6 +72,8 @@ class PR2Config:
             raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
         if not isinstance(self.predictor_rank, int) or self.predictor_rank < 1:
             raise bad("predictor_rank", "must be an integer >= 1")
+        if not self.lookahead_scale > 0:
+            raise bad("lookahead_scale", "must be > 0")
         if not self.alpha > 0:
             raise bad("alpha", "must be > 0")
         if not self.loss_coeff >= 0:

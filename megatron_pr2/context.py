@@ -335,7 +335,9 @@ class RoutingSession:
 
         config = router.pr2_config
         cached = local.cache_rows is not None and local.cache_rows.numel() > 0
-        train_predictor = cached and self.ministep >= config.loss_start_ministep
+        train_predictor = (
+            cached and self.ministep >= config.loss_start_ministep and router.predictor_trainable
+        )
         telemetry = config.telemetry and not recompute
         loss = None
         if cached and (train_predictor or telemetry):
@@ -352,7 +354,7 @@ class RoutingSession:
                 # C_local of C (sequence / context parallel shards), and Megatron sums
                 # sequence-parallel grads over TP: weight the local mean by C_local / C.
                 probs = router.attach_predictor_loss(probs, loss * local.cache_share)
-            else:
+            elif router.predictor_trainable:
                 probs = router.attach_zero_predictor_grad(probs)
 
         if telemetry:
@@ -591,6 +593,8 @@ def routing(
         # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
         session.agree_on_entry(group)
     for router in routers:
+        if mode == "predict_record":
+            router.refresh_lookahead()
         router.session = session
     try:
         yield RoutingHandle(session)

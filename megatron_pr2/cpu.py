@@ -94,6 +94,11 @@ _TORCH_PROXY_MODULES = (
     # DDP: communication stream, grad-buffer allocations on current_device().
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
+    # dist_checkpointing torch_dist save: torch.cuda.synchronize() before writing and
+    # torch.cuda.current_device() for the write-failure all-reduce.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 # Tensor factories whose `device=` argument is redirected from CUDA to CPU by _CpuTorch.

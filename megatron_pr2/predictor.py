@@ -47,12 +47,48 @@ class BiasPredictor(torch.nn.Module):
         return self.bias.expand(*hidden.shape[:-1], self.bias.numel())
 
 
+class LookaheadPredictor(torch.nn.Module):
+    """Weight-space lookahead, no learned parameters: offset = h (scale * D)^T, where D is the
+    router weight's change between its last two predict_record passes (one rollout batch of
+    updates). Optimiser momentum makes consecutive batches drift alike, so the last drift,
+    scaled to the mini-steps ahead, anticipates the next one.
+
+    Buffers (saved and resumed with the model): `anchor` [E, H] the router weight at the last
+    refresh, `weight` [E, H] = scale * D (zero until two distinct weights were seen), `seen`.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.register_buffer("weight", torch.zeros(num_experts, hidden_size))
+        self.register_buffer("anchor", torch.zeros(num_experts, hidden_size))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def refresh(self, router_weight: torch.Tensor) -> None:
+        """Call at the start of a predict_record pass: a router weight different from the
+        anchor means the optimiser stepped since, so that change becomes the predicted drift.
+        Deterministic on every rank holding the same router weight (TP/EP/DP replicas)."""
+        current = router_weight.detach().to(self.anchor.dtype)
+        if not bool(self.seen):
+            self.anchor.copy_(current)
+            self.seen.fill_(True)
+        elif not torch.equal(current, self.anchor):
+            self.weight.copy_((current - self.anchor) * self.scale)
+            self.anchor.copy_(current)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight)
+
+
 def build_predictor(config: PR2Config, hidden_size: int, num_experts: int) -> torch.nn.Module:
     """The predictor module selected by config.predictor; its parameters are fp32."""
     if config.predictor == "linear":
         return LinearPredictor(hidden_size, num_experts)
     if config.predictor == "lowrank":
         return LowRankPredictor(hidden_size, num_experts, config.predictor_rank)
+    if config.predictor == "lookahead":
+        return LookaheadPredictor(hidden_size, num_experts, config.lookahead_scale)
     assert config.predictor == "bias", config.predictor
     return BiasPredictor(num_experts)
 

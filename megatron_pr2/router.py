@@ -23,7 +23,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_pr2.config import PR2Config
-from megatron_pr2.predictor import LinearPredictor, build_predictor
+from megatron_pr2.predictor import LinearPredictor, LookaheadPredictor, build_predictor
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.sharding import global_moe_layer_id
 
@@ -115,7 +115,9 @@ class PR2Router(TopKRouter):
     def predicted_gating(self, input: torch.Tensor) -> torch.Tensor:
         """Effective logits p_old + h W_p of the predict_record pass; the predictor term carries
         no gradient (the router's own term does, if grad is enabled)."""
-        if isinstance(self.predictor, LinearPredictor) and not torch.is_grad_enabled():
+        if isinstance(self.predictor, (LinearPredictor, LookaheadPredictor)) and (
+            not torch.is_grad_enabled()
+        ):
             # The RL old-policy pass runs without grad: one GEMM with W_g + W_p instead of two
             # (exact for a zero predictor, so PR2 still starts as R2 bit for bit).
             weight = self.weight + self.predictor.weight.to(self.weight.dtype)
@@ -128,6 +130,16 @@ class PR2Router(TopKRouter):
         with torch.no_grad():
             offset = self.predictor_offset(input)
         return logits + offset.to(logits.dtype)
+
+    @property
+    def predictor_trainable(self) -> bool:
+        """False for the parameter-free lookahead: it gets no loss and no gradient."""
+        return any(True for _ in self.predictor.parameters())
+
+    def refresh_lookahead(self) -> None:
+        """Start of a predict_record pass: let a lookahead predictor observe the router weight."""
+        if isinstance(self.predictor, LookaheadPredictor):
+            self.predictor.refresh(self.weight)
 
     def predictor_offset(self, hidden: torch.Tensor) -> torch.Tensor:
         """Predicted logit drift h W_p for router inputs hidden [..., H], in the logits' dtype."""

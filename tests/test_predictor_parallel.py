@@ -318,35 +318,6 @@ def _router_and_predictor_errors(model, full):
     return {k: v for k, v in errors.items() if ".router." in k}
 
 
-# CUDA-only calls on Megatron's torch_dist save path (torch.cuda.synchronize before writing,
-# torch.cuda.current_device() for the failure all-reduce) that megatron_pr2.cpu does not patch
-# yet; the same module-level torch proxy it uses for the model code, applied in this rank only.
-# The writer also logs its memory use through psutil, which megatron-core does not declare as a
-# dependency: without psutil the probe reports 0 (it feeds a debug log line only).
-_CHECKPOINT_MODULES = (
-    "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.dist_checkpointing.strategies.async_utils",
-)
-
-
-def _cpu_checkpointing():
-    import importlib
-
-    from megatron_pr2 import cpu
-
-    if torch.cuda.is_available():
-        return
-    proxy = cpu._CpuTorch()
-    for name in _CHECKPOINT_MODULES:
-        module = importlib.import_module(name)
-        if module.__dict__.get("torch") is torch:
-            module.torch = proxy
-    writer = importlib.import_module(_CHECKPOINT_MODULES[0])
-    if not writer.HAVE_PSUTIL:
-        writer._process_memory = lambda: 0
-
-
 def _rank_checkpoint(ckpt_dir):
     from par_util import cpu_patches
 
@@ -367,7 +338,6 @@ def _rank_checkpoint(ckpt_dir):
     # The harness runs ranks as daemon processes (they die with pytest); Megatron's torch_dist
     # writer starts helper processes, which Python forbids daemons to do.
     multiprocessing.current_process()._config["daemon"] = False
-    _cpu_checkpointing()
     out = {}
     with init_megatron_parallel(tp=2):
         model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
@@ -402,3 +372,62 @@ def test_predictor_checkpoint_round_trip(tmp_path):
             assert r["differed_before"], (rank, layout, r)
             assert r["max_err_after"] == 0.0, (rank, layout, r)  # exact
             assert r["all_params_err"] == 0.0, (rank, layout, r)
+
+
+def _rank_lookahead_checkpoint(ckpt_dir):
+    from par_util import cpu_patches
+
+    cpu_patches()
+    import multiprocessing
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from par_util import build_pr2_gpt
+
+    from megatron_pr2 import pr2_routers, routing
+
+    multiprocessing.current_process()._config["daemon"] = False
+    tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.arange(SEQ).expand(MBS, SEQ)
+
+    def predict_record(model):
+        with torch.no_grad(), routing(model, "predict_record") as handle:
+            model[0](tokens, position_ids, None)
+        return handle.routes.indices
+
+    with init_megatron_parallel(tp=2):
+        torch.manual_seed(3)
+        model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ, predictor="lookahead")
+        predict_record(model)  # observes the first router weights
+        with torch.no_grad():
+            for router in pr2_routers(model):
+                router.weight.add_(torch.randn(router.weight.shape) * 0.05)  # a policy update
+        routes = predict_record(model)
+        routers = pr2_routers(model)
+        buffers = [{k: v.clone() for k, v in r.predictor.state_dict().items()} for r in routers]
+        assert all(bool(r.predictor.weight.abs().sum() > 0) for r in routers)
+        dist_checkpointing.save(model[0].sharded_state_dict(), ckpt_dir)
+        dist.barrier()
+        torch.manual_seed(3)
+        fresh = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ, predictor="lookahead")
+        with torch.no_grad():
+            for mine, theirs in zip(pr2_routers(fresh), routers):
+                mine.weight.copy_(theirs.weight)  # same policy; only the lookahead state differs
+        state = dist_checkpointing.load(fresh[0].sharded_state_dict(), ckpt_dir)
+        fresh[0].load_state_dict(state)
+        restored = [r.predictor.state_dict() for r in pr2_routers(fresh)]
+        return {
+            "buffers_exact": all(
+                torch.equal(a[k], b[k]) for a, b in zip(buffers, restored) for k in a
+            ),
+            "buffer_names": sorted(buffers[0]),
+            "same_routes": torch.equal(predict_record(fresh), routes),
+        }
+
+
+def test_lookahead_state_checkpoint_round_trip(tmp_path):
+    # The parameter-free lookahead predictor keeps its state in buffers (anchor, drift, seen):
+    # they go through Megatron's sharded_state_dict and a resumed model predicts the same routes.
+    for result in run_distributed(_rank_lookahead_checkpoint, 2, str(tmp_path), timeout=150):
+        assert result["buffer_names"] == ["anchor", "seen", "weight"]
+        assert result["buffers_exact"] and result["same_routes"], result

@@ -454,6 +454,67 @@ def test_predictor_learns_synthetic_drift(pg):
     assert r2 < 0.95  # the drift is real
 
 
+def test_lookahead_predictor_extrapolates_the_last_router_drift(pg):
+    """predictor="lookahead": zero offset until the router weight changes, then W_p = scale x
+    the change between predict_record passes; no parameters, no gradient, buffers resume."""
+    from megatron_pr2 import routing
+
+    config = make_moe_config(hidden_size=64, num_moe_experts=16, moe_router_topk=4)
+    _, layer = _layers(pg, config, predictor="lookahead", lookahead_scale=1.0)
+    router = layer.router
+    assert not list(router.predictor.parameters()) and not router.predictor_trainable
+    gen = torch.Generator().manual_seed(5)
+    w0 = router.weight.detach().clone()
+    # The same rank-2 drift every policy update (optimizer momentum makes real drift alike).
+    delta = (torch.randn(16, 2, generator=gen) @ torch.randn(2, 64, generator=gen)) * 0.02
+    x = torch.randn(32, 4, 64, generator=gen)
+
+    def predict_record():
+        with torch.no_grad(), routing(router, "predict_record") as handle:
+            router(x)
+        return handle.routes
+
+    def plain_record():
+        with torch.no_grad(), routing(router, "record") as handle:
+            router(x)
+        return handle.routes.indices
+
+    # First pass: nothing observed yet, so PR2 routes exactly like R2.
+    assert torch.equal(predict_record().indices, plain_record())
+    assert torch.equal(router.predictor.weight, torch.zeros_like(w0))
+    with torch.no_grad():
+        router.weight.add_(delta)
+    routes = predict_record()
+    torch.testing.assert_close(router.predictor.weight, delta, rtol=0, atol=1e-6)
+    # A second pass without an optimizer step in between keeps the prediction.
+    assert torch.equal(predict_record().indices, routes.indices)
+    torch.testing.assert_close(router.predictor.weight, delta, rtol=0, atol=1e-6)
+
+    # The next update repeats the drift: the predicted routes are the next router's top-k.
+    with torch.no_grad():
+        router.weight.add_(delta)
+    xr = x.detach().clone().requires_grad_(True)
+    with routing(router, "replay", routes=routes, ministep=2) as handle:
+        probs, _ = router(xr)
+        probs.sum().backward()
+    assert xr.grad is not None and router.weight.grad is not None
+    metrics = handle.metrics
+    assert float(metrics["predictive_topk_accuracy"][0]) > 0.99
+    assert float(metrics["r2_topk_accuracy"][0]) < 0.95
+    assert float(metrics["route_topk_accuracy"][0]) > 0.99
+    assert abs(float(metrics["predictor_loss"][0])) < 1e-6  # KL(live || predicted) ~ 0
+
+    # The buffers are state: a fresh router loading them predicts the same routes.
+    state = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert {"router.predictor.weight", "router.predictor.anchor"} <= set(state)
+    _, other = _layers(pg, config, predictor="lookahead", lookahead_scale=1.0)
+    other.load_state_dict(state, strict=False)
+    with torch.no_grad(), routing(other.router, "predict_record") as again:
+        other.router(x)
+    assert torch.equal(again.routes.indices, predict_record().indices)
+    assert torch.equal(other.router.predictor.weight, router.predictor.weight)
+
+
 def test_routing_refuses_models_without_pr2_routers(pg):
     from megatron_pr2 import routing
 

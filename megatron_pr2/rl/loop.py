@@ -30,6 +30,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
 from megatron_pr2.compat import clear_aux_losses_tracker
+from megatron_pr2.context import pr2_routers
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
 from megatron_pr2.rl.metrics import MetricsWriter, StepMetrics
 from megatron_pr2.rl.model import (
@@ -211,7 +212,12 @@ class RLTrainer:
         clear_aux_losses_tracker()
         t_start = time.time()
 
-        # 1. Weight sync trainer -> engine (carries the PR2 predictor for pr2-r3).
+        # 1. Weight sync trainer -> engine (carries the PR2 predictor for pr2-r3). A lookahead
+        # predictor observes the trainer's fp32 router weights first: the bf16 engine's own
+        # weights would quantise the drift (its refresh is then a no-op: same weights).
+        if cfg.mode == "pr2-r3":
+            for router in pr2_routers(self.model):
+                router.refresh_lookahead()
         copy_weights(self.model, self.engine)
 
         # 2. Rollout on the engine.
