@@ -331,6 +331,23 @@ def test_nsys_dry_run():
     ]
 
 
+def test_nsys_default_module_accepts_the_profiling_flags():
+    # nsys.sh's default program is the RL demo: its parser must take what nsys.sh appends.
+    from megatron_pr2.rl.demo import build_parser, profile_config
+
+    out = _run("nsys.sh", ["--dry-run", "--start", "3", "--end", "5", "--", "--mode", "r2"])
+    argv = shlex.split(out.stdout)
+    program_args = argv[argv.index("megatron_pr2.rl.demo") + 1 :]
+    args = build_parser().parse_args(program_args)
+    assert args.mode == "r2" and args.profile and args.nvtx_ranges
+    assert profile_config(args) == {
+        "step_start": 3,
+        "step_end": 5,
+        "ranks": (0,),
+        "nvtx_ranges": True,
+    }
+
+
 def test_nsys_rejects_empty_range():
     proc = _run("nsys.sh", ["--dry-run", "--start", "5", "--end", "5"], check=False)
     assert proc.returncode == 2 and "must be greater than --start" in proc.stderr

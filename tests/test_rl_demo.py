@@ -57,6 +57,23 @@ def test_verdicts_respect_seed_spread():
     assert "no clear difference on 1 metrics" in head
 
 
+def test_bar_check_states_met_and_not_met():
+    summary = {m: {k: (None, None) for k, _, _ in report.TABLE_METRICS} for m in ("r2", "none")}
+    summary["pr2-x"] = {k: (None, None) for k, _, _ in report.TABLE_METRICS}
+    acc = "pr2/route_topk_accuracy/ministep_ge2"
+    summary["pr2-x"][acc], summary["r2"][acc] = (0.996, 0.0001), (0.995, 0.0002)
+    summary["pr2-x"]["rl/clip_fraction"] = (0.009, 0.001)
+    summary["none"]["rl/clip_fraction"] = (0.008, 0.002)
+    lines = report.bar_check(summary, ["pr2-x"])
+    assert lines[0] == "**pr2-x**"
+    assert lines[2].endswith(": met") and "beyond the seed spread" in lines[2]
+    assert (
+        lines[3]
+        == "- paired on the same cached tokens: TopK(p_old + h W_p) vs TopK(p_old): not measured"
+    )
+    assert lines[4].endswith("NOT met") and "within the seed spread" in lines[4]
+
+
 def test_plots_are_written(tmp_path):
     runs = {"r2": {0: _history(0.5, 0.1)}, "pr2": {0: _history(0.4, 0.1), 1: _history(0.6, 0)}}
     paths = report.plot_curves(runs, str(tmp_path))

@@ -145,6 +145,26 @@ def test_other_predictor_kinds_start_from_a_linear_warm_start(setup, tmp_path, p
     assert pred and any(float(p.abs().sum()) > 0 for p in pred)
 
 
+def test_profiled_step_range_writes_a_trace_with_pr2_ranges(setup, tmp_path):
+    # Steps 2 .. 2 of 3 (Megatron-LM's --profile-step-start 2 --profile-step-end 3), on CPU a
+    # torch.profiler trace; the replay and predictor ranges of that step are in it.
+    from megatron_pr2.rl.step_profiler import ProfileConfig
+
+    trainer = make_trainer(setup, micro_rl_config("pr2", steps=3), tmp_path)
+    logs = []
+    trainer.log = logs.append
+    trainer.train(progress=False, profile=ProfileConfig(step_start=2, step_end=3))
+    with open(tmp_path / "profile" / "trace_rank000.json") as f:
+        names = {event.get("name") for event in json.load(f)["traceEvents"]}
+    assert {"pr2/replay", "pr2/record", "pr2/predictor"} <= names
+    assert logs == [
+        "profiling steps 2 .. 2",
+        f"profiler trace: {tmp_path / 'profile' / 'trace_rank000.json'}",
+    ]
+    with pytest.raises(ValueError, match="--profile-step-end=2 must be greater"):
+        ProfileConfig(step_start=2, step_end=2)
+
+
 def test_n1_r2_and_pr2_are_identical(setup, tmp_path):
     """With one mini-step the predictor never trains: PR2 must reproduce R2 exactly."""
     results = {}

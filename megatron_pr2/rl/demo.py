@@ -20,6 +20,7 @@ import time
 from typing import Dict, List, Optional
 
 MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
+PREDICTORS = ("linear", "lowrank", "bias", "lookahead")
 
 
 @dataclasses.dataclass
@@ -48,8 +49,11 @@ class Preset:
     """N mini-steps per rollout batch."""
     lr: float = 1e-4
     """RL base learning rate."""
-    alpha: float = 10.0
-    """PR2 predictor learning-rate multiplier."""
+    alpha: float = 0.3
+    """Learning-rate multiplier of the learned (linear/lowrank/bias) PR2 predictors. With AdamW
+    every predictor weight moves by about alpha x lr per update, while the router it tracks
+    drifts by about lr per update: at this scale alpha in {0.1, 0.3, 1, 10} was measured and
+    0.3 did best (README); larger values overshoot the drift."""
     seeds: tuple = (0, 1)
     """RL seeds of the comparison."""
     n1_steps: int = 4
@@ -97,9 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="PR2 predictor lr multiplier")
     p.add_argument(
         "--predictor",
-        choices=("linear", "lowrank", "bias"),
+        choices=PREDICTORS,
         default="linear",
-        help="PR2 evolution predictor (PR2Config.predictor)",
+        help="PR2 evolution predictor of a single run (PR2Config.predictor)",
+    )
+    p.add_argument(
+        "--predictors",
+        nargs="+",
+        choices=PREDICTORS,
+        default=["lookahead", "linear"],
+        help="--compare: every PR2 mode runs once per predictor, labelled <mode>-<predictor>",
     )
     p.add_argument(
         "--pr2-loss",
@@ -133,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="--compare: parallel worker processes (default: 2 on CPU, 1 on GPU)",
     )
     p.add_argument("--no-n1-check", action="store_true", help="skip the N=1 R2==PR2 check")
+    # Megatron-LM's profiling flags (launch/nsys.sh passes them); single runs only.
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile steps [--profile-step-start, --profile-step-end) of a single run: "
+        "cudaProfilerStart/Stop on CUDA (for nsys), a torch.profiler trace on CPU",
+    )
+    p.add_argument("--profile-step-start", type=int, default=10, help="first profiled step")
+    p.add_argument("--profile-step-end", type=int, default=12, help="capture stops before it")
+    p.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="profiled ranks")
+    p.add_argument(
+        "--nvtx-ranges",
+        action="store_true",
+        help="turn on Megatron's NVTX ranges (and PR2's pr2/* ranges) while profiling",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -303,6 +329,7 @@ def run_job(job: dict) -> dict:
     import torch
 
     from megatron_pr2.rl.loop import RLTrainer
+    from megatron_pr2.rl.step_profiler import ProfileConfig
 
     preset = Preset(**job["preset"])
     task, tokenizer, state, _ = prepare(job["root"], preset, job.get("ep", 1))
@@ -317,7 +344,12 @@ def run_job(job: dict) -> dict:
         init_state=state,
         log=_log if job.get("progress", True) else None,
     )
-    history = trainer.train(resume=job.get("resume", False), progress=job.get("progress", True))
+    profile = job.get("profile")
+    history = trainer.train(
+        resume=job.get("resume", False),
+        progress=job.get("progress", True),
+        profile=None if profile is None else ProfileConfig(**profile),
+    )
     result = {"history": history, "seconds": time.time() - t0}
     if preset.eval_problems and job.get("evaluate", True):
         result["eval"] = trainer.evaluate(preset.eval_problems)
@@ -411,9 +443,16 @@ def compare(args, preset: Preset) -> int:
     jobs = []
     for seed in preset.seeds:
         for mode in args.modes:
-            run_dir = os.path.join(root, "compare", mode, f"seed{seed}")
-            _clean_run_dir(run_dir)
-            jobs.append({**base, "mode": mode, "seed": seed, "run_dir": run_dir})
+            variants = [(mode, None)]
+            if mode.startswith("pr2"):
+                variants = [(f"{mode}-{p}", p) for p in args.predictors]
+            for label, predictor in variants:
+                run_dir = os.path.join(root, "compare", label, f"seed{seed}")
+                _clean_run_dir(run_dir)
+                job = {**base, "label": label, "mode": mode, "seed": seed, "run_dir": run_dir}
+                if predictor is not None:
+                    job["predictor"] = predictor
+                jobs.append(job)
     if not args.no_n1_check:
         for mode in ("r2", "pr2"):
             run_dir = os.path.join(root, "n1_check", mode)
@@ -421,6 +460,8 @@ def compare(args, preset: Preset) -> int:
             jobs.append(
                 {
                     **base,
+                    # The paper's claim: a learned predictor never trains with N = 1.
+                    "predictor": "linear",
                     "mode": mode,
                     "seed": preset.seeds[0],
                     "run_dir": run_dir,
@@ -442,13 +483,16 @@ def compare(args, preset: Preset) -> int:
         if job.get("num_ministeps") == 1:
             n1[job["mode"]] = res
             continue
-        runs.setdefault(job["mode"], {})[job["seed"]] = res["history"]
-        evals.setdefault(job["mode"], {})[job["seed"]] = res.get("eval", {})
+        runs.setdefault(job["label"], {})[job["seed"]] = res["history"]
+        evals.setdefault(job["label"], {})[job["seed"]] = res.get("eval", {})
         run_seconds.append(res["seconds"])
     n1_check = n1_identity(n1["r2"], n1["pr2"]) if n1 else None
     if dist.get_rank() != 0:
         return 0
-    modes = [m for m in args.modes if m in runs]
+    labels = list(runs)  # job order: modes as given, PR2 modes once per predictor
+    # Each PR2 variant against the replay it builds on (PR2 on R2, PR2 on R3).
+    pairs = [(label, "r3" if label.startswith("pr2-r3-") else "r2") for label in labels]
+    pairs = [(a, b) for a, b in pairs if a.startswith("pr2-")]
     summary = report.summarize(runs, evals)
     plots = report.plot_curves(runs, os.path.join(root, "plots"))
     settings = {
@@ -460,9 +504,11 @@ def compare(args, preset: Preset) -> int:
         "RL": f"{preset.steps} steps x {preset.prompts_per_step} prompts x group "
         f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, "
         f"{args.ratio_level}-level ratio, clip eps {args.clip_eps}",
-        "PR2": f"{args.predictor} predictor, {args.pr2_loss} loss, alpha {preset.alpha} "
-        f"(predictor lr {preset.lr * preset.alpha:g}), loss from mini-step 2, predictor "
-        "gradient clipped separately from the policy's",
+        "PR2 predictors": ", ".join(args.predictors) + " (lookahead: no learned parameters, W_p = "
+        "0.5 x the router weight's change over the previous rollout batch; learned ones: "
+        f"{args.pr2_loss} loss from mini-step 2, alpha {preset.alpha} = predictor lr "
+        f"{preset.lr * preset.alpha:g}, gradient clipped separately from the policy's)",
+        "N=1 check": "R2 vs PR2 with the learned linear predictor",
         "seeds": list(preset.seeds),
         "world size": dist.get_world_size(),
         "workers": workers,
@@ -474,11 +520,11 @@ def compare(args, preset: Preset) -> int:
         "total": time.time() - t_all,
     }
     report_path = os.path.join(root, "report.md")
-    per_ministep = report.ministep_tables({m: runs[m] for m in modes}, preset.num_ministeps)
+    per_ministep = report.ministep_tables(runs, preset.num_ministeps)
     report.write_report(
         report_path,
         summary,
-        modes,
+        labels,
         preset.seeds,
         settings,
         n1_check,
@@ -486,11 +532,15 @@ def compare(args, preset: Preset) -> int:
         timings,
         sft_eval,
         per_ministep,
+        pairs,
+        [a for a, b in pairs if b == "r2"],
     )
     print()
-    print(report.text_table(summary, modes))
+    print(report.text_table(summary, labels))
     print()
-    for line in report.headline(summary, [("pr2", "r2"), ("pr2-r3", "r3"), ("r2", "none")]):
+    for line in report.headline(summary, pairs + [("r2", "none")]):
+        print(line)
+    for line in report.bar_check(summary, [a for a, b in pairs if b == "r2"]):
         print(line)
     if n1_check is not None:
         print(
@@ -535,6 +585,7 @@ def single(args, preset: Preset) -> int:
         "pr2_loss": args.pr2_loss,
         "checkpoint_interval": args.checkpoint_interval,
         "resume": args.resume,
+        "profile": profile_config(args),
     }
     t0 = time.time()
     res = run_job(job)
@@ -547,8 +598,31 @@ def single(args, preset: Preset) -> int:
     return 0
 
 
+def profile_config(args) -> Optional[dict]:
+    """The --profile* flags as ProfileConfig fields (validated), or None without --profile."""
+    if not args.profile:
+        return None
+    from megatron_pr2.rl.step_profiler import ProfileConfig
+
+    return dataclasses.asdict(
+        ProfileConfig(
+            step_start=args.profile_step_start,
+            step_end=args.profile_step_end,
+            ranks=tuple(args.profile_ranks),
+            nvtx_ranges=args.nvtx_ranges,
+        )
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile and args.compare:
+        parser.error("--profile captures one run: use it without --compare")
+    try:
+        profile_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     preset = resolve_preset(args)
     import torch
 

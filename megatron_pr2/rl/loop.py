@@ -44,6 +44,7 @@ from megatron_pr2.rl.model import (
 )
 from megatron_pr2.rl.rollout import generate, response_mask_of, score
 from megatron_pr2.rl.sft import prompt_tokens
+from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
 from megatron_pr2.rl.task import ArithmeticTask, exact_match
 from megatron_pr2.rl.tokenizer import TaskTokenizer
 
@@ -427,11 +428,18 @@ class RLTrainer:
             return json.load(f)["path"]
 
     # -- driver ------------------------------------------------------------------------------
-    def train(self, resume: bool = True, progress: bool = True, stop_after: Optional[int] = None):
+    def train(
+        self,
+        resume: bool = True,
+        progress: bool = True,
+        stop_after: Optional[int] = None,
+        profile: Optional[ProfileConfig] = None,
+    ):
         """Run until cfg.steps (resuming from the latest checkpoint when resume=True).
 
         stop_after: stop (without the final checkpoint) once this many steps are done, to
-        emulate a killed run in tests. Returns the list of per-step metric dicts run here.
+        emulate a killed run in tests. profile: capture a step range (see step_profiler.py);
+        CPU traces go to <run_dir>/profile/. Returns the per-step metric dicts run here.
         """
         if resume:
             path = self.latest_checkpoint()
@@ -443,11 +451,19 @@ class RLTrainer:
         writer = MetricsWriter(
             os.path.join(self.run_dir, "tb"), enabled=self.rank == 0, resume_step=self.step_index
         )
+        profiler = None
+        if profile is not None:
+            trace_dir = os.path.join(self.run_dir, "profile")
+            profiler = StepProfiler(profile, self.rank, trace_dir, self.log)
         history = []
         try:
             while self.step_index < self.cfg.steps:
                 step = self.step_index
+                if profiler is not None:
+                    profiler.before_step(step + 1)
                 m = self.step()
+                if profiler is not None:
+                    profiler.after_step(step + 1)
                 writer.write(step, m)
                 history.append({"step": step, **m})
                 if progress:
@@ -459,6 +475,8 @@ class RLTrainer:
                     return history
             self.save_checkpoint()
         finally:
+            if profiler is not None:
+                profiler.close()
             writer.close()
         return history
 
@@ -491,8 +509,9 @@ class RLTrainer:
 
 def _progress_line(cfg: RLConfig, step: int, m: Dict[str, float]) -> str:
     acc = m.get("pr2/route_topk_accuracy/mean", float("nan"))
+    label = f"{cfg.mode}-{cfg.pr2.predictor}" if cfg.mode.startswith("pr2") else cfg.mode
     return (
-        f"[{cfg.mode:>6} seed {cfg.seed}] step {step + 1:3d}/{cfg.steps} "
+        f"[{label:>6} seed {cfg.seed}] step {step + 1:3d}/{cfg.steps} "
         f"reward {m['rl/reward']:.3f} em {m['rl/exact_match']:.3f} "
         f"clip {m['rl/clip_fraction']:.4f} |log r| {m['rl/mean_abs_log_ratio']:.4f} "
         f"route-acc {acc:.4f} kl {m['rl/train_inference_kl']:.2e} "

@@ -37,7 +37,8 @@ class StepMetrics:
 
     def add_per_layer(self, name: str, values: torch.Tensor, ministep: int = 0) -> None:
         """One per-layer metric [L]: '<name>/layer_<l>', '<name>/mean' (mean over layers) and,
-        when ministep > 0, '<name>/ministep_<i>'. NaN entries (not measured) are skipped."""
+        when ministep > 0, '<name>/ministep_<i>' (and from mini-step 2 on also
+        '<name>/ministep_ge2', where router drift exists). NaN entries are skipped."""
         values = values.detach().double().reshape(-1).cpu()
         for layer, v in enumerate(values.tolist()):
             if v == v:
@@ -47,6 +48,8 @@ class StepMetrics:
             self.add(f"{name}/mean", float(measured.mean()))
             if ministep > 0:
                 self.add(f"{name}/ministep_{ministep}", float(measured.mean()))
+            if ministep >= 2:
+                self.add(f"{name}/ministep_ge2", float(measured.mean()))
 
     def add_layers(self, prefix: str, metrics: Dict[str, torch.Tensor], ministep: int = 0) -> None:
         """Every per-layer metric of a routing handle under '<prefix>/<name>/...'."""

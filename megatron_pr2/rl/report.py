@@ -21,8 +21,11 @@ TABLE_METRICS: Tuple[Tuple[str, str, int], ...] = (
     ("rl/train_inference_kl", "train-inf KL", -1),
     ("pr2/train_inference_route_accuracy/mean", "train-inf route acc", +1),
     ("pr2/route_topk_accuracy/mean", "replay/live top-k acc", +1),
+    ("pr2/route_topk_accuracy/ministep_ge2", "replay/live top-k acc, mini-steps >= 2", +1),
     ("pr2/r2_topk_accuracy/mean", "R2 acc (cached)", 0),
     ("pr2/predictive_topk_accuracy/mean", "PR2 pred acc (cached)", +1),
+    ("pr2/r2_topk_accuracy/ministep_ge2", "R2 acc (cached), mini-steps >= 2", 0),
+    ("pr2/predictive_topk_accuracy/ministep_ge2", "PR2 pred acc (cached), mini-steps >= 2", +1),
     ("pr2/predictor_loss/mean", "predictor loss", -1),
     ("pr2/bias_to_logit_ratio/mean", "bias/logit", 0),
     ("rl/grad_norm", "grad norm", 0),
@@ -200,6 +203,61 @@ def _directional(summary, a: str, b: str):
     return out
 
 
+def bar_check(summary, pr2_labels: Sequence[str]) -> List[str]:
+    """The demo's acceptance criteria, per PR2 variant on R2 (means over seeds):
+    replay top-k accuracy at mini-steps >= 2 above R2's (across runs, and paired on the same
+    cached tokens) and a clip fraction below no replay's."""
+
+    def value(label: str, key: str) -> Tuple[Optional[float], Optional[float]]:
+        return summary.get(label, {}).get(key, (None, None))
+
+    def line(what: str, a, b, a_name: str, b_name: str, direction: int) -> str:
+        (ma, sa), (mb, sb) = a, b
+        if ma is None or mb is None:
+            return f"- {what}: not measured"
+        met = (ma - mb) * direction > 0
+        spread = max(sa or 0.0, sb or 0.0)
+        margin = "beyond" if abs(ma - mb) > spread else "within"
+        return (
+            f"- {what}: {a_name} {ma:.5f} vs {b_name} {mb:.5f} (diff {ma - mb:+.2g}, {margin} the "
+            f"seed spread {spread:.2g}): {'met' if met else 'NOT met'}"
+        )
+
+    acc = "pr2/route_topk_accuracy/ministep_ge2"
+    lines = []
+    for label in pr2_labels:
+        lines += [
+            f"**{label}**",
+            "",
+            line(
+                "replay top-k accuracy at mini-steps >= 2 above R2's",
+                value(label, acc),
+                value("r2", acc),
+                label,
+                "r2",
+                +1,
+            ),
+            line(
+                "paired on the same cached tokens: TopK(p_old + h W_p) vs TopK(p_old)",
+                value(label, "pr2/predictive_topk_accuracy/ministep_ge2"),
+                value(label, "pr2/r2_topk_accuracy/ministep_ge2"),
+                "PR2",
+                "R2",
+                +1,
+            ),
+            line(
+                "clip fraction below no replay's",
+                value(label, "rl/clip_fraction"),
+                value("none", "rl/clip_fraction"),
+                label,
+                "none",
+                -1,
+            ),
+            "",
+        ]
+    return lines
+
+
 def verdicts(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
     """Plain statements 'A vs B' per directional metric, saying when a gap is within the
     seed-to-seed spread (the larger of the two stds) rather than calling it a win."""
@@ -282,6 +340,8 @@ def write_report(
     timings: Dict[str, float],
     sft_eval: Optional[Dict[str, float]] = None,
     per_ministep: Optional[str] = None,
+    pairs: Sequence[Tuple[str, str]] = (("pr2", "r2"), ("pr2-r3", "r3")),
+    bar_labels: Sequence[str] = ("pr2",),
 ) -> str:
     """Write the markdown report; returns its text."""
     lines = ["# megatron-pr2 RL demo: routing-mode comparison", ""]
@@ -300,9 +360,11 @@ def write_report(
             f"- SFT warm start (greedy, held-out): exact match {sft_eval.get('eval/exact_match', float('nan')):.3f}, "
             f"reward {sft_eval.get('eval/reward', float('nan')):.3f}"
         ]
-    pairs = [("pr2", "r2"), ("pr2-r3", "r3"), ("r2", "none"), ("r3", "none")]
+    pairs = list(pairs) + [("r2", "none"), ("r3", "none")]
     lines += ["", "## Headline (computed; 'no clear difference' = gap within the seed spread)", ""]
     lines += headline(summary, pairs)
+    lines += ["", "## Acceptance bar (computed from the table below)", ""]
+    lines += bar_check(summary, bar_labels)
     lines += ["", "## Results", "", markdown_table(summary, modes), ""]
     lines += [
         "Metric notes: 'replay/live top-k acc' is |replayed route ∩ live top-k| / k over the "
