@@ -117,12 +117,14 @@ def test_compare_end_to_end_micro(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "N=1 check (R2 vs PR2, 2 steps): IDENTICAL" in out
     text = (tmp_path / "report.md").read_text()
-    assert "| metric | r2 | pr2 |" in text and "IDENTICAL" in text
+    # Each PR2 mode runs once per predictor (--predictors, default lookahead and linear).
+    assert "| metric | r2 | pr2-lookahead | pr2-linear |" in text and "IDENTICAL" in text
+    assert "## Acceptance bar" in text and "**pr2-lookahead**" in text
     for name in ("reward.png", "clip_fraction.png", "route_topk_accuracy.png"):
         assert (tmp_path / "plots" / name).exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n1_check"]["mismatching values"] == 0
-    assert len(os.listdir(tmp_path / "compare")) == 2
+    assert sorted(os.listdir(tmp_path / "compare")) == ["pr2-linear", "pr2-lookahead", "r2"]
     # The cached warm start is reused by a second invocation (no SFT log line).
     with single_rank():
         from megatron_pr2.rl.demo import main
