@@ -81,3 +81,27 @@ def reset_moe_metrics() -> None:
     model that logs into it, so models of different depths in one process (tests, sweeps) need
     the entries dropped, not just zeroed as clear_aux_losses_tracker does."""
     _live_moe_metrics().clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs around the alltoall dispatcher's preprocess (dispatch_plan.py refuses them): the
+# test MoEAlltoAllTokenDispatcher.__init__ makes, on config.cuda_graph_scope / CudaGraphScope in
+# 0.16 and config.cuda_graph_modules / CudaGraphModule in 0.19 (CudaGraphScope stays there only
+# as a deprecated checkpoint alias with other members).
+# ---------------------------------------------------------------------------------------------
+try:
+    from megatron.core.transformer.enums import CudaGraphModule as _CudaGraphPart
+
+    _CUDA_GRAPH_PARTS_FIELD = "cuda_graph_modules"
+except ImportError:  # 0.16
+    from megatron.core.transformer.enums import CudaGraphScope as _CudaGraphPart
+
+    _CUDA_GRAPH_PARTS_FIELD = "cuda_graph_scope"
+
+
+def cuda_graph_captures_moe_preprocess(config: Any) -> bool:
+    """True if CUDA graphs capture the alltoall dispatcher's preprocess under `config`."""
+    parts = getattr(config, _CUDA_GRAPH_PARTS_FIELD)
+    return config.cuda_graph_impl != "none" and (
+        _CudaGraphPart.moe_preprocess in parts or not parts
+    )

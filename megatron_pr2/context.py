@@ -548,6 +548,7 @@ def routing(
     ministep: int = 1,
     layout: Optional[TokenLayout] = None,
     group: Optional[torch.distributed.ProcessGroup] = None,
+    dispatch_plan: bool = False,
 ) -> Iterator[RoutingHandle]:
     """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
 
@@ -562,11 +563,22 @@ def routing(
     invalid, every rank of the group raises before the first forward. Without it, validation
     is agreed per microbatch among the ranks of a pipeline stage (tp x dp x cp), which cannot
     reach the other stages of a pipeline.
+    dispatch_plan: replay only, default off. Precompute the alltoall dispatcher's
+    tokens_per_expert and all-to-all split sizes of every (microbatch, MoE layer) from the
+    replayed routes at entry, exchanged in ONE all-gather over the dispatcher's tp_ep group, so
+    each MoE layer's preprocess issues no per-layer gather and no device->host sync
+    (dispatch_plan.py). Every rank of a tp_ep group must pass the same value. Raises ValueError
+    for non-alltoall dispatchers, moe_pad_expert_input_to_capacity,
+    moe_router_padding_for_quantization and CUDA graphs that capture the dispatcher's
+    preprocess; a (microbatch, layer) that depends on live logits (missing routes under the
+    "fallback" policy, a capacity factor without recorded drops) runs the stock preprocess.
     """
     if mode not in MODES:
         raise ValueError(f"routing mode={mode!r}: must be one of {MODES}")
     if not isinstance(ministep, int) or ministep < 1:
         raise ValueError(f"routing ministep={ministep!r}: must be an integer >= 1")
+    if dispatch_plan and mode != "replay":
+        raise ValueError(f"routing dispatch_plan=True needs mode='replay', not {mode!r}")
     if isinstance(routes, RouteBatch):
         routes = [routes]
     if mode == "replay":
@@ -592,14 +604,24 @@ def routing(
     if mode == "replay" and group is not None:
         # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
         session.agree_on_entry(group)
+    plan = None
+    if dispatch_plan:
+        # Imported here: dispatch_plan imports this module. Collective over tp_ep; installs nothing.
+        from megatron_pr2.dispatch_plan import build_dispatch_plan
+
+        plan = build_dispatch_plan(model, session)
     for router in routers:
         if mode == "predict_record":
             router.refresh_lookahead()
         router.session = session
     try:
+        if plan is not None:
+            plan.install()
         yield RoutingHandle(session)
         # Only reached when the block did not raise: never mask the block's own error.
         session.close()
     finally:
+        if plan is not None:
+            plan.remove()
         for router in routers:
             router.session = None

@@ -193,6 +193,9 @@ class RLTrainer:
             p for p in self.model.parameters() if not getattr(p, "pr2_predictor", False)
         ]
         self.step_index = 0
+        # Router-weight change over the previous rollout batch (per router), for the drift
+        # telemetry: how alike consecutive batches' drifts are is what a predictor can exploit.
+        self._last_router_drift: Optional[List[torch.Tensor]] = None
 
     # -- one rollout batch -------------------------------------------------------------------
     def _microbatches(self, perm: torch.Tensor) -> List[List[torch.Tensor]]:
@@ -212,12 +215,14 @@ class RLTrainer:
         metrics = StepMetrics()
         clear_aux_losses_tracker()
         t_start = time.time()
+        routers = pr2_routers(self.model)
+        weights_before = [r.weight.detach().clone() for r in routers]
 
         # 1. Weight sync trainer -> engine (carries the PR2 predictor for pr2-r3). A lookahead
         # predictor observes the trainer's fp32 router weights first: the bf16 engine's own
         # weights would quantise the drift (its refresh is then a no-op: same weights).
         if cfg.mode == "pr2-r3":
-            for router in pr2_routers(self.model):
+            for router in routers:
                 router.refresh_lookahead()
         copy_weights(self.model, self.engine)
 
@@ -350,12 +355,29 @@ class RLTrainer:
                 pred_norm = clip_gradients(self.model, cfg.grad_clip, self._predictor_params)
                 metrics.add("pr2/predictor_grad_norm", pred_norm, 1)
             self.optimizer.step()
+        self._router_drift_metrics(metrics, routers, weights_before)
         t_end = time.time()
         metrics.add("time/step_seconds", t_end - t_start, 1)
         metrics.add("time/rollout_seconds", t_rollout - t_start, 1)
         metrics.add("time/train_seconds", t_end - t_rollout, 1)
         self.step_index += 1
         return metrics.reduce(_dp_group())
+
+    def _router_drift_metrics(self, metrics: StepMetrics, routers, weights_before) -> None:
+        """Per layer: relative norm of this batch's router-weight change and its cosine with the
+        previous batch's change (1 = the drift repeats, 0 = unpredictable from the last one)."""
+        drift = [r.weight.detach() - w for r, w in zip(routers, weights_before)]
+        norms = torch.stack([d.norm() / w.norm() for d, w in zip(drift, weights_before)])
+        metrics.add_per_layer("pr2/router_drift_relative_norm", norms)
+        if self._last_router_drift is not None:
+            cosine = torch.stack(
+                [
+                    torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+                    for a, b in zip(drift, self._last_router_drift)
+                ]
+            )
+            metrics.add_per_layer("pr2/router_drift_cosine", cosine)
+        self._last_router_drift = drift
 
     @staticmethod
     def _flip_free(a: RouteBatch, b: RouteBatch) -> torch.Tensor:
@@ -378,6 +400,7 @@ class RLTrainer:
             "config": _jsonable(dataclasses.asdict(self.cfg)),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "router_drift": self._last_router_drift,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -412,6 +435,7 @@ class RLTrainer:
             raise ValueError(f"checkpoint {path} was written with different RLConfig fields {diff}")
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._last_router_drift = state["router_drift"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():

@@ -28,6 +28,8 @@ TABLE_METRICS: Tuple[Tuple[str, str, int], ...] = (
     ("pr2/predictive_topk_accuracy/ministep_ge2", "PR2 pred acc (cached), mini-steps >= 2", +1),
     ("pr2/predictor_loss/mean", "predictor loss", -1),
     ("pr2/bias_to_logit_ratio/mean", "bias/logit", 0),
+    ("pr2/router_drift_relative_norm/mean", "router drift per batch (rel. norm)", 0),
+    ("pr2/router_drift_cosine/mean", "router drift cosine with previous batch", 0),
     ("rl/grad_norm", "grad norm", 0),
     ("pr2/predictor_grad_norm", "predictor grad norm", 0),
     ("rl/entropy", "entropy", 0),
