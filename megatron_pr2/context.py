@@ -548,7 +548,7 @@ def routing(
     ministep: int = 1,
     layout: Optional[TokenLayout] = None,
     group: Optional[torch.distributed.ProcessGroup] = None,
-    dispatch_plan: bool = False,
+    dispatch_plan: Optional[bool] = None,
 ) -> Iterator[RoutingHandle]:
     """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
 
@@ -563,15 +563,17 @@ def routing(
     invalid, every rank of the group raises before the first forward. Without it, validation
     is agreed per microbatch among the ranks of a pipeline stage (tp x dp x cp), which cannot
     reach the other stages of a pipeline.
-    dispatch_plan: replay only, default off. Precompute the alltoall dispatcher's
-    tokens_per_expert and all-to-all split sizes of every (microbatch, MoE layer) from the
-    replayed routes at entry, exchanged in ONE all-gather over the dispatcher's tp_ep group, so
-    each MoE layer's preprocess issues no per-layer gather and no device->host sync
-    (dispatch_plan.py). Every rank of a tp_ep group must pass the same value. Raises ValueError
-    for non-alltoall dispatchers, moe_pad_expert_input_to_capacity,
-    moe_router_padding_for_quantization and CUDA graphs that capture the dispatcher's
-    preprocess; a (microbatch, layer) that depends on live logits (missing routes under the
-    "fallback" policy, a capacity factor without recorded drops) runs the stock preprocess.
+    dispatch_plan: replay only. Precompute the alltoall dispatcher's tokens_per_expert and
+    all-to-all split sizes of every (microbatch, MoE layer) from the replayed routes at entry,
+    exchanged in ONE all-gather over the dispatcher's tp_ep group, so each MoE layer's
+    preprocess issues no per-layer gather and no device->host sync (dispatch_plan.py).
+    None (default): on in replay wherever it applies (measured faster: benchmarks/README.md),
+    off otherwise. True: on, and a ValueError for non-alltoall dispatchers,
+    moe_pad_expert_input_to_capacity, moe_router_padding_for_quantization and CUDA graphs that
+    capture the dispatcher's preprocess. False: the stock per-layer path. Every rank of a
+    tp_ep group must pass the same value. A (microbatch, layer) that depends on live logits
+    (missing routes under the "fallback" policy, a capacity factor without recorded drops)
+    runs the stock preprocess either way.
     """
     if mode not in MODES:
         raise ValueError(f"routing mode={mode!r}: must be one of {MODES}")
@@ -605,11 +607,16 @@ def routing(
         # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
         session.agree_on_entry(group)
     plan = None
-    if dispatch_plan:
-        # Imported here: dispatch_plan imports this module. Collective over tp_ep; installs nothing.
-        from megatron_pr2.dispatch_plan import build_dispatch_plan
+    if mode == "replay" and dispatch_plan is not False:
+        # Imported here: dispatch_plan imports this module. Collective over tp_ep (after the
+        # support checks, so an unsupported model issues none); installs nothing.
+        from megatron_pr2.dispatch_plan import DispatchPlanUnsupported, build_dispatch_plan
 
-        plan = build_dispatch_plan(model, session)
+        try:
+            plan = build_dispatch_plan(model, session)
+        except DispatchPlanUnsupported:
+            if dispatch_plan:
+                raise
     for router in routers:
         if mode == "predict_record":
             router.refresh_lookahead()

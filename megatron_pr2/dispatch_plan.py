@@ -62,6 +62,10 @@ _NO_SYNC = "no_sync"
 _UNPLANNED = -1
 
 
+class DispatchPlanUnsupported(ValueError):
+    """The model's MoE layers cannot be planned (raised before any collective)."""
+
+
 @dataclass
 class _Entry:
     """Preprocess results of one (microbatch, layer), in the types the stock DtoH leaves."""
@@ -191,7 +195,7 @@ def _planned_layers(
                 found[id(module.router)] = module
     orphans = sorted(r.moe_layer_id for r in session.routers if id(r) not in found)
     if orphans:
-        raise ValueError(
+        raise DispatchPlanUnsupported(
             f"{_FLAG}: PR2 routers of MoE layers {orphans} are not inside an MoELayer of the "
             "model; the plan serves MoELayer token dispatchers. Pass dispatch_plan=False."
         )
@@ -204,24 +208,24 @@ def _planned_layers(
         if not isinstance(dispatcher, MoEAlltoAllTokenDispatcher) or (
             type(dispatcher).preprocess is not MoEAlltoAllTokenDispatcher.preprocess
         ):
-            raise ValueError(
+            raise DispatchPlanUnsupported(
                 f"{where} uses {type(dispatcher).__name__}; the dispatch plan supports only "
                 "Megatron-Core's MoEAlltoAllTokenDispatcher (moe_token_dispatcher_type="
                 "'alltoall'). Pass dispatch_plan=False."
             )
         if dispatcher.drop_and_pad:
-            raise ValueError(
+            raise DispatchPlanUnsupported(
                 f"{where}: moe_pad_expert_input_to_capacity=True pads every expert to capacity, "
                 "so its dispatch sizes are static and need no exchange; nothing to plan. Pass "
                 "dispatch_plan=False."
             )
         if config.moe_router_padding_for_quantization:
-            raise ValueError(
+            raise DispatchPlanUnsupported(
                 f"{where}: moe_router_padding_for_quantization=True pads the routing_map inside "
                 "the dispatcher; the dispatch plan does not model it. Pass dispatch_plan=False."
             )
         if cuda_graph_captures_moe_preprocess(config):
-            raise ValueError(
+            raise DispatchPlanUnsupported(
                 f"{where}: CUDA graphs capture the dispatcher's preprocess (cuda_graph_impl="
                 f"{config.cuda_graph_impl!r}), which would freeze the first plan's host values "
                 "into the graph. Pass dispatch_plan=False."

@@ -161,3 +161,17 @@ def test_report_renders_router_results(router_run, tmp_path):
     for label in TARGET_RATIOS:
         assert f"| {label} (" in proc.stdout, proc.stdout
     assert "| variant | compute ops" in proc.stdout
+
+
+def test_bench_dispatch_plan(tmp_path):
+    stdout, results = _run(
+        ["-m", "benchmarks.bench_dispatch_plan", "--ep", "2", "--layers", "2"]
+        + ["--microbatches", "2", "--seq", "16", "--repeats", "2", "--warmup", "1"],
+        tmp_path,
+        "dispatch_plan",
+    )
+    # 2 layers x 2 microbatches of per-layer count gathers without the plan, one with it.
+    assert results["exchanges"] == {"off": 4, "plan": 1}
+    assert results["identical_outputs"] is True
+    assert math.isfinite(results["ratio"]["median"]) and results["ratio"]["median"] > 0
+    assert "plan / off" in stdout
