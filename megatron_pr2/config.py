@@ -20,7 +20,10 @@ class PR2Config:
     zero-initialised (the paper's default, so PR2 starts exactly as R2). "lowrank": W_p = A B with
     rank `predictor_rank` (B zero-initialised). "bias": one learned logit offset per expert.
     "lookahead": weight-space lookahead without learned parameters, W_p = lookahead_scale x the
-    router weight's change over the previous rollout batch (the loss is then only reported)."""
+    router weight's change over the previous rollout batch (the loss is then only reported). It
+    observes the router weight as the model holds it: under bf16 mixed precision that is the
+    bf16 copy (the fp32 main weight lives in the optimizer), whose rounding hides drifts smaller
+    than one bf16 step. The RL demo trains in fp32."""
 
     predictor_rank: int = 16
     """Rank of the "lowrank" predictor; ignored by the other kinds."""
