@@ -11,7 +11,8 @@
 #   pr2_replay       routing(..., "replay", R2 routes, ministep=1): PR2 as plain R2
 #   pr2_replay_cache_m1 replay of PR2 routes WITH a predictor cache at ministep 1 (no loss)
 #   pr2_replay_ploss replay of PR2 routes with cache at ministep 2 (kl-post predictor loss)
-#   ...+tel          the replay variants with PR2Config.telemetry=True (the default config)
+#   ...+tel          the replay variants with PR2Config.telemetry=True (the default config;
+#                    --telemetry-stride sets PR2Config.telemetry_stride)
 # and times, interleaved round-robin across variants (warm-up excluded):
 #   layer      MoELayer forward + backward
 #   router     router forward + backward alone (where PR2 adds its work)
@@ -209,7 +210,11 @@ class Bench:
         cache_tokens = max(1, shape.seq_length // args.cache_fraction)
         self.pr2_configs = {}
         for telemetry in (False, True):
-            pr2_config = PR2Config(telemetry=telemetry, cache_tokens_per_sequence=cache_tokens)
+            pr2_config = PR2Config(
+                telemetry=telemetry,
+                telemetry_stride=args.telemetry_stride,
+                cache_tokens_per_sequence=cache_tokens,
+            )
             key = "pr2+tel" if telemetry else "pr2"
             self.layers[key] = build_layer(apply_pr2(spec, pr2_config), config)
             self.pr2_configs[key] = pr2_config
@@ -531,6 +536,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="CPU timer: wall (perf_counter) or cpu (process CPU time, for a loaded machine)",
     )
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--telemetry-stride",
+        type=int,
+        default=1,
+        help="PR2Config.telemetry_stride of the +tel variants (1 = every router row)",
+    )
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     parser.add_argument(
         "--no-count-ops",

@@ -63,6 +63,11 @@ class PR2Config:
     """Compute per-layer health metrics (top-k accuracies, flip rate, predictor loss, bias-to-logit
     ratio) during replay. Costs one extra top-k per layer; turn off for benchmarks of the bare path."""
 
+    telemetry_stride: int = 1
+    """Measure the replay/live top-k accuracy and flip rate on every n-th router row only (an
+    unbiased estimate at 1/n of the top-k cost; the predictor metrics already use only the cached
+    rows). 1 = every row."""
+
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"PR2Config.{name}={getattr(self, name)!r}: {why}")
@@ -86,6 +91,8 @@ class PR2Config:
             or self.cache_tokens_per_sequence < -1
         ):
             raise bad("cache_tokens_per_sequence", "must be an integer >= -1 (-1 = all tokens)")
+        if not isinstance(self.telemetry_stride, int) or self.telemetry_stride < 1:
+            raise bad("telemetry_stride", "must be an integer >= 1")
         if not isinstance(self.loss_start_ministep, int) or self.loss_start_ministep < 1:
             raise bad("loss_start_ministep", "must be an integer >= 1")
 

@@ -10,6 +10,7 @@
 # backward passes of one model chunk in forward order. All state lives on the session object the
 # context hands to the model's routers and drops on exit.
 
+import functools
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -99,6 +100,18 @@ class _RouterState:
         value = value.detach().double() * count
         self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.counts[name] = self.counts.get(name, 0) + count
+
+
+@functools.lru_cache(maxsize=64)
+def telemetry_rows(num_rows: int, stride: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Sorted uniform sample of ceil(num_rows / stride) router rows, fixed per (rows, stride);
+    None for stride 1. Random rather than every n-th row: rows are sequence-major (s * B + b),
+    so a plain stride sharing a factor with B would only ever sample some of the sequences."""
+    if stride == 1:
+        return None
+    generator = torch.Generator().manual_seed(num_rows)
+    rows = torch.randperm(num_rows, generator=generator)[: -(-num_rows // stride)]
+    return rows.sort().values.to(device)
 
 
 class RoutingSession:
@@ -359,9 +372,12 @@ class RoutingSession:
 
         if telemetry:
             with torch.no_grad():
+                rows = telemetry_rows(target.shape[0], config.telemetry_stride, target.device)
                 if live is None:
-                    live = router.live_topk(flat_logits)
-                overlap = topk_overlap(target, live)
+                    live = router.live_topk(flat_logits if rows is None else flat_logits[rows])
+                elif rows is not None:
+                    live = live[rows]
+                overlap = topk_overlap(target if rows is None else target[rows], live)
                 tokens = len(overlap)
                 state.add("route_topk_accuracy", overlap.float().mean() / router.topk, tokens)
                 state.add("flip_rate", (overlap < router.topk).float().mean(), tokens)
@@ -567,8 +583,8 @@ def routing(
     all-to-all split sizes of every (microbatch, MoE layer) from the replayed routes at entry,
     exchanged in ONE all-gather over the dispatcher's tp_ep group, so each MoE layer's
     preprocess issues no per-layer gather and no device->host sync (dispatch_plan.py).
-    None (default): on in replay wherever it applies (measured faster: benchmarks/README.md),
-    off otherwise. True: on, and a ValueError for non-alltoall dispatchers,
+    None (default): on in replay wherever it applies and a dispatcher exchanges token counts
+    (tp x ep > 1; measured faster: benchmarks/README.md), off otherwise. True: on, and a ValueError for non-alltoall dispatchers,
     moe_pad_expert_input_to_capacity, moe_router_padding_for_quantization and CUDA graphs that
     capture the dispatcher's preprocess. False: the stock per-layer path. Every rank of a
     tp_ep group must pass the same value. A (microbatch, layer) that depends on live logits
@@ -613,7 +629,7 @@ def routing(
         from megatron_pr2.dispatch_plan import DispatchPlanUnsupported, build_dispatch_plan
 
         try:
-            plan = build_dispatch_plan(model, session)
+            plan = build_dispatch_plan(model, session, required=bool(dispatch_plan))
         except DispatchPlanUnsupported:
             if dispatch_plan:
                 raise

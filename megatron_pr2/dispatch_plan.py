@@ -379,9 +379,14 @@ def _entries_of_group(
 
 
 def build_dispatch_plan(
-    model: Union[torch.nn.Module, Sequence[torch.nn.Module]], session: RoutingSession
-) -> DispatchPlan:
+    model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+    session: RoutingSession,
+    required: bool = True,
+) -> Optional[DispatchPlan]:
     """Validate the model's PR2 MoE layers and precompute every (microbatch, layer) entry.
+
+    required=False (routing()'s default): None when no dispatcher exchanges token counts
+    (tp x ep = 1 everywhere), where the plan would only decode the routes a second time.
 
     Collective over each dispatcher tp_ep group (one all-gather per group; Megatron builds one);
     every rank of it must call this (routing() does, at entry) with the same number of
@@ -389,6 +394,8 @@ def build_dispatch_plan(
     """
     with pr2_range("dispatch_plan"):
         layers = _planned_layers(model, session)
+        if not required and all(layer.dispatcher.tp_ep_group.size() == 1 for layer in layers):
+            return None
         num_experts = layers[0].router.config.num_moe_experts
         per_mb = [
             _local_tokens_per_expert(session, m, layers, num_experts)

@@ -515,6 +515,38 @@ def test_lookahead_predictor_extrapolates_the_last_router_drift(pg):
     assert torch.equal(other.router.predictor.weight, router.predictor.weight)
 
 
+def test_telemetry_stride_samples_every_sequence(pg):
+    """telemetry_stride=4 estimates the replay accuracy from a quarter of the rows; with a
+    micro-batch of 4 a plain every-4th-row stride would see sequence 0 only (rows s * B + b)."""
+    from megatron_pr2 import RouteBatch, routing
+    from megatron_pr2.context import telemetry_rows
+
+    config = make_moe_config(hidden_size=32, num_moe_experts=8, moe_router_topk=2)
+    seq, batch = 64, 4
+    x = torch.randn(seq, batch, 32, generator=torch.Generator().manual_seed(3))
+    accuracy = {}
+    for stride in (1, 4):
+        _, layer = _layers(pg, config, telemetry_stride=stride)
+        router = layer.router
+        with torch.no_grad():
+            logits = router.gating(x).reshape(seq, batch, -1)
+        # Canonical order b * S + s: sequence 0 replays its live top-k, the others the two
+        # lowest-scored experts (disjoint from the live top-2): true accuracy is exactly 1/4.
+        live = logits.topk(2, dim=-1).indices.transpose(0, 1)  # [B, S, k]
+        worst = (-logits).topk(2, dim=-1).indices.transpose(0, 1)
+        indices = torch.cat([live[:1], worst[1:]]).reshape(batch * seq, 1, 2)
+        with torch.no_grad(), routing(router, "replay", RouteBatch(indices, 8)) as handle:
+            router(x)
+        accuracy[stride] = float(handle.metrics["route_topk_accuracy"][0])
+    assert accuracy[1] == 0.25
+    assert abs(accuracy[4] - 0.25) < 0.15 and accuracy[4] != 1.0, accuracy
+    rows = telemetry_rows(seq * batch, 4, torch.device("cpu"))
+    assert rows.numel() == seq * batch // 4 and set((rows % batch).tolist()) == {0, 1, 2, 3}
+    assert telemetry_rows(seq * batch, 1, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="telemetry_stride"):
+        _layers(pg, config, telemetry_stride=0)
+
+
 def test_routing_refuses_models_without_pr2_routers(pg):
     from megatron_pr2 import routing
 
