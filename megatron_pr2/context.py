@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from megatron_pr2.collectives import raise_on_any_rank
 from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.predictor import predictor_loss
 from megatron_pr2.profiling import pr2_range
@@ -135,16 +136,26 @@ class RoutingSession:
         self._local: Dict[int, _LocalRoutes] = {}
 
     # -- per-microbatch views ------------------------------------------------------------------
+    def entry_layout(self, microbatch: int) -> TokenLayout:
+        """The tokens this rank routes in a replayed microbatch, known before its forward:
+        routing(layout=), else a sharded RouteBatch's own token_index, else all of its tokens
+        (in canonical order: the row order of full routes comes from the forward's input shape,
+        see _layout_for; validation and token counts do not depend on it)."""
+        if self.layout is not None:
+            return self.layout
+        batch = self.routes[microbatch]
+        token_index = batch.token_index
+        if token_index is None:
+            token_index = torch.arange(batch.num_tokens)
+        return TokenLayout(token_index, batch.num_tokens, batch.seq_length or batch.num_tokens)
+
     def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
         layout = self._layouts.get(microbatch)
         if layout is None:
             rows = hidden.shape[0] * hidden.shape[1]
-            if self.layout is not None:
-                layout = self.layout
-            elif self.routes is not None and self.routes[microbatch].token_index is not None:
-                shard = self.routes[microbatch]
-                seq_length = shard.seq_length or hidden.shape[0]
-                layout = TokenLayout(shard.token_index, shard.num_tokens, seq_length)
+            sharded = self.routes is not None and self.routes[microbatch].token_index is not None
+            if self.layout is not None or sharded:
+                layout = self.entry_layout(microbatch)
             else:
                 layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
             if layout.token_index.numel() != rows:
@@ -211,17 +222,13 @@ class RoutingSession:
             local = self._decode(microbatch, layout, router)
         except ValueError as exc:
             error = exc
-        stage_group = router.tp_dp_cp_group
-        if torch.distributed.is_initialized() and stage_group.size() > 1:
-            flag = torch.tensor([0 if error is None else 1], device=hidden.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=stage_group)
-            if error is None and int(flag) != 0:
-                error = ValueError(
-                    f"microbatch {microbatch}: another rank of this pipeline stage rejected its "
-                    "routes (see that rank's error)"
-                )
-        if error is not None:
-            raise error
+        raise_on_any_rank(
+            error,
+            router.tp_dp_cp_group,
+            f"microbatch {microbatch}: another rank of this pipeline stage rejected its routes "
+            "(see that rank's error)",
+            device=hidden.device,
+        )
         tp_group = router.tp_group
         if tp_group.size() > 1 and not router.config.sequence_parallel:
             digest = _route_digest(local.indices).to(hidden.device)
@@ -251,31 +258,17 @@ class RoutingSession:
         `group` (e.g. the pipeline group, or all ranks of the step) if any rank's are invalid."""
         error = None
         try:
-            for microbatch, batch in enumerate(self.routes):
-                layout = self.layout
-                if layout is None and batch.token_index is not None:
-                    layout = TokenLayout(
-                        batch.token_index, batch.num_tokens, batch.seq_length or batch.num_tokens
-                    )
-                if layout is None:  # full routes: the token count is checked at the first forward
-                    layout = TokenLayout(
-                        torch.arange(batch.num_tokens), batch.num_tokens, batch.num_tokens
-                    )
-                self._decode(microbatch, layout, self.routers[0])
+            for microbatch in range(len(self.routes)):
+                # Full routes: the token count is checked at the first forward.
+                self._decode(microbatch, self.entry_layout(microbatch), self.routers[0])
         except ValueError as exc:
             error = exc
-        if torch.distributed.is_initialized():
-            backend = str(torch.distributed.get_backend(group)).lower()
-            device = torch.cuda.current_device() if "nccl" in backend else "cpu"
-            flag = torch.tensor([0 if error is None else 1], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-            if error is None and int(flag) != 0:
-                error = ValueError(
-                    "routing(replay): another rank of the group rejected its routes (see that "
-                    "rank's error)"
-                )
-        if error is not None:
-            raise error
+        raise_on_any_rank(
+            error,
+            group,
+            "routing(replay): another rank of the group rejected its routes (see that rank's "
+            "error)",
+        )
 
     # -- the router hook -------------------------------------------------------------------------
     def route(self, router: PR2Router, hidden, logits, padding_mask):

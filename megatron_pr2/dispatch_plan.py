@@ -53,7 +53,6 @@ from megatron_pr2.compat import cuda_graph_captures_moe_preprocess
 from megatron_pr2.context import RoutingSession, _in_backward
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import RouteBatch, TokenLayout
 
 _FLAG = "routing(..., 'replay', dispatch_plan=True)"
 # cuda_sync_point / cuda_dtoh_point value that _maybe_dtoh_and_synchronize never matches: no DtoH
@@ -234,18 +233,6 @@ def _planned_layers(
     return layers
 
 
-def _entry_layout(session: RoutingSession, batch: RouteBatch) -> TokenLayout:
-    """The tokens this rank routes, as RoutingSession.agree_on_entry derives them before any
-    forward (a wrong guess for full routes is caught by the first forward's validation)."""
-    if session.layout is not None:
-        return session.layout
-    if batch.token_index is not None:
-        return TokenLayout(
-            batch.token_index, batch.num_tokens, batch.seq_length or batch.num_tokens
-        )
-    return TokenLayout(torch.arange(batch.num_tokens), batch.num_tokens, batch.num_tokens)
-
-
 def _local_tokens_per_expert(
     session: RoutingSession, microbatch: int, layers: List[_PlannedLayer], num_experts: int
 ) -> Tuple[torch.Tensor, int]:
@@ -258,9 +245,8 @@ def _local_tokens_per_expert(
     token (padding_mask only weights aux losses and expert-bias counts), so they count here too.
     """
     unplanned = torch.full((len(layers), num_experts), _UNPLANNED, dtype=torch.int64)
-    batch = session.routes[microbatch]
     try:
-        local = session._decode(microbatch, _entry_layout(session, batch), layers[0].router)
+        local = session._decode(microbatch, session.entry_layout(microbatch), layers[0].router)
     except ValueError:
         return unplanned, -1  # the first forward's _bind raises on every rank of the stage
     columns = [local.columns[layer.router.moe_layer_id] for layer in layers]

@@ -25,6 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from megatron_pr2.collectives import comm_device, raise_on_any_rank
 from megatron_pr2.routes import (
     PredictorCache,
     RouteBatch,
@@ -615,13 +616,6 @@ def _decode(payload: torch.Tensor) -> dict:
     return out
 
 
-def _comm_device(group: Any) -> torch.device:
-    """Device for transfer tensors: NCCL needs CUDA tensors; gloo (the CPU path) takes CPU."""
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _send(payload: torch.Tensor, dst: int, group: Any, device: torch.device) -> None:
     dist.send(
         torch.tensor([payload.numel()], dtype=torch.int64, device=device), dst=dst, group=group
@@ -673,15 +667,12 @@ def scatter_routes(
         local = _scatter_routes(routes, layout, layer_ids, group, src)
     except ValueError as exc:
         error = exc
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_comm_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if error is not None:
-        raise error
-    if int(flag) != 0:
-        raise ValueError(
-            f"scatter_routes: another rank of the group could not get its route shard (see its "
-            f"error); rank {rank} stops too"
-        )
+    raise_on_any_rank(
+        error,
+        group,
+        f"scatter_routes: another rank of the group could not get its route shard (see its "
+        f"error); rank {rank} stops too",
+    )
     return local
 
 
@@ -711,7 +702,7 @@ def _scatter_routes(
     group, rank, world = _group_info(group)
     if not 0 <= src < world:
         raise ValueError(f"scatter_routes: src={src} not a rank of the group (size {world})")
-    device = _comm_device(group)
+    device = comm_device(group)
     if rank != src:
         code = encode_token_index(layout.token_index, layout.num_tokens, layout.seq_length)
         request = torch.cat(
@@ -805,7 +796,7 @@ def gather_routes(local: RouteBatch, group: Any = None, dst: int = 0) -> Optiona
     group, rank, world = _group_info(group)
     if not 0 <= dst < world:
         raise ValueError(f"gather_routes: dst={dst} not a rank of the group (size {world})")
-    device = _comm_device(group)
+    device = comm_device(group)
     payload = _encode(
         local.indices,
         local.num_experts,
