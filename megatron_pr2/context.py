@@ -526,26 +526,54 @@ class RoutingHandle:
         return self._session.metrics()
 
 
-_ROUTERS_OF_CHUNK: "weakref.WeakKeyDictionary[torch.nn.Module, List[PR2Router]]" = (
+@dataclass
+class _ChunkIndex:
+    """The PR2 routers of one model chunk, and the MoE layer holding each (by id(router))."""
+
+    routers: List[PR2Router]
+    moe_layers: Dict[int, torch.nn.Module]
+
+
+_INDEX_OF_CHUNK: "weakref.WeakKeyDictionary[torch.nn.Module, _ChunkIndex]" = (
     weakref.WeakKeyDictionary()
 )
 
 
-def pr2_routers(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[PR2Router]:
-    """All PR2 routers of a model or a list of model chunks (virtual pipeline stages).
-
-    The module walk is cached per chunk (a weak reference, so nothing outlives the model):
-    walking a 100B model's modules on every routing() entry costs milliseconds.
-    """
+def _chunk_indices(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[_ChunkIndex]:
+    """One module walk per chunk, cached (a weak reference, so nothing outlives the model):
+    walking a 100B model's modules on every routing() entry costs milliseconds."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    routers = []
+    indices = []
     for chunk in chunks:
-        found = _ROUTERS_OF_CHUNK.get(chunk)
-        if found is None:
-            found = [m for m in chunk.modules() if isinstance(m, PR2Router)]
-            _ROUTERS_OF_CHUNK[chunk] = found
-        routers.extend(found)
-    return routers
+        index = _INDEX_OF_CHUNK.get(chunk)
+        if index is None:
+            modules = list(chunk.modules())
+            index = _ChunkIndex(
+                routers=[m for m in modules if isinstance(m, PR2Router)],
+                moe_layers={
+                    id(m.router): m
+                    for m in modules
+                    # An MoELayer (or subclass) by its parts: importing the class here would pull
+                    # the dispatchers into `import megatron_pr2`.
+                    if isinstance(getattr(m, "router", None), PR2Router)
+                    and hasattr(m, "token_dispatcher")
+                },
+            )
+            _INDEX_OF_CHUNK[chunk] = index
+        indices.append(index)
+    return indices
+
+
+def pr2_routers(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[PR2Router]:
+    """All PR2 routers of a model or a list of model chunks (virtual pipeline stages)."""
+    return [router for index in _chunk_indices(model) for router in index.routers]
+
+
+def pr2_moe_layers(
+    model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+) -> Dict[int, torch.nn.Module]:
+    """id(router) -> the MoE layer holding that PR2 router (routers outside one are absent)."""
+    return {k: v for index in _chunk_indices(model) for k, v in index.moe_layers.items()}
 
 
 @contextmanager

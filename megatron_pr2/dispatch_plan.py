@@ -46,11 +46,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from megatron.core.transformer.moe import token_dispatcher as _dispatcher_module
-from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_pr2.compat import cuda_graph_captures_moe_preprocess
-from megatron_pr2.context import RoutingSession, _in_backward
+from megatron_pr2.context import RoutingSession, _in_backward, pr2_moe_layers
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.router import PR2Router
 
@@ -178,20 +177,11 @@ class DispatchPlan:
 # -------------------------------------------------------------------------------------------------
 # Building the plan
 # -------------------------------------------------------------------------------------------------
-def _chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[torch.nn.Module]:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
 def _planned_layers(
     model: Union[torch.nn.Module, Sequence[torch.nn.Module]], session: RoutingSession
 ) -> List[_PlannedLayer]:
     """The model's PR2 MoE layers (ascending MoE-layer id); ValueError for what cannot be planned."""
-    routers = {id(r): r for r in session.routers}
-    found: Dict[int, MoELayer] = {}
-    for chunk in _chunks(model):
-        for module in chunk.modules():
-            if isinstance(module, MoELayer) and id(module.router) in routers:
-                found[id(module.router)] = module
+    found = pr2_moe_layers(model)
     orphans = sorted(r.moe_layer_id for r in session.routers if id(r) not in found)
     if orphans:
         raise DispatchPlanUnsupported(
