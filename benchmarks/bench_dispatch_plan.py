@@ -38,7 +38,14 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `megatron_pr2` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Stats, Timer, free_port, paired_ratio, run_interleaved
+from benchmarks.common import (
+    PLAIN_CONFIG_FIELDS,
+    Stats,
+    Timer,
+    free_port,
+    paired_ratio,
+    run_interleaved,
+)
 
 VARIANTS = ("off", "plan")
 
@@ -59,19 +66,12 @@ def make_config(args: argparse.Namespace):
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
         moe_expert_capacity_factor=args.capacity_factor,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         params_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
         tensor_model_parallel_size=args.tp,
         expert_model_parallel_size=args.ep,
         expert_tensor_parallel_size=args.tp,
         sequence_parallel=args.tp > 1,
+        **PLAIN_CONFIG_FIELDS,
     )
 
 

@@ -42,7 +42,14 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `megatron_pr2` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Stats, Timer, init_single_process, paired_ratio, run_interleaved
+from benchmarks.common import (
+    PLAIN_CONFIG_FIELDS,
+    Stats,
+    Timer,
+    init_single_process,
+    paired_ratio,
+    run_interleaved,
+)
 
 
 @dataclass(frozen=True)
@@ -136,19 +143,11 @@ def make_config(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str, 
         moe_aux_loss_coeff=1e-3,
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         moe_router_dtype="fp32" if half else None,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **PLAIN_CONFIG_FIELDS,
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
