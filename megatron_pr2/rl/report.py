@@ -187,21 +187,31 @@ def headline(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
     return lines
 
 
+def _gap(a: Tuple[float, Optional[float]], b: Tuple[float, Optional[float]], direction: int):
+    """(diff, seed spread, kind) of two measured (mean, std) cells: spread is the larger std;
+    kind is "identical", "unclear" (gap within the spread), "better" or "WORSE" for a."""
+    (ma, sa), (mb, sb) = a, b
+    diff = ma - mb
+    spread = max(sa or 0.0, sb or 0.0)
+    if diff == 0:
+        kind = "identical"
+    elif abs(diff) <= spread:
+        kind = "unclear"
+    else:
+        kind = "better" if diff * direction > 0 else "WORSE"
+    return diff, spread, kind
+
+
 def _directional(summary, a: str, b: str):
     """(verdict, metric) for every directional metric measured in both modes."""
     out = []
     for key, title, direction in TABLE_METRICS:
         if direction == 0 or key.startswith("time/"):
             continue
-        (ma, sa), (mb, sb) = summary[a][key], summary[b][key]
-        if ma is None or mb is None:
+        if summary[a][key][0] is None or summary[b][key][0] is None:
             continue
-        diff = ma - mb
-        if diff == 0 or abs(diff) <= max(sa or 0.0, sb or 0.0):
-            verdict = "unclear"
-        else:
-            verdict = "better" if diff * direction > 0 else "WORSE"
-        out.append((verdict, (key, title, direction)))
+        kind = _gap(summary[a][key], summary[b][key], direction)[2]
+        out.append(("unclear" if kind == "identical" else kind, (key, title, direction)))
     return out
 
 
@@ -214,15 +224,14 @@ def bar_check(summary, pr2_labels: Sequence[str]) -> List[str]:
         return summary.get(label, {}).get(key, (None, None))
 
     def line(what: str, a, b, a_name: str, b_name: str, direction: int) -> str:
-        (ma, sa), (mb, sb) = a, b
-        if ma is None or mb is None:
+        if a[0] is None or b[0] is None:
             return f"- {what}: not measured"
-        met = (ma - mb) * direction > 0
-        spread = max(sa or 0.0, sb or 0.0)
-        margin = "beyond" if abs(ma - mb) > spread else "within"
+        diff, spread, kind = _gap(a, b, direction)
+        margin = "within" if kind in ("identical", "unclear") else "beyond"
+        met = diff * direction > 0
         return (
-            f"- {what}: {a_name} {ma:.5f} vs {b_name} {mb:.5f} (diff {ma - mb:+.2g}, {margin} the "
-            f"seed spread {spread:.2g}): {'met' if met else 'NOT met'}"
+            f"- {what}: {a_name} {a[0]:.5f} vs {b_name} {b[0]:.5f} (diff {diff:+.2g}, {margin} "
+            f"the seed spread {spread:.2g}): {'met' if met else 'NOT met'}"
         )
 
     acc = "pr2/route_topk_accuracy/ministep_ge2"
@@ -270,19 +279,16 @@ def verdicts(summary, pairs: Sequence[Tuple[str, str]]) -> List[str]:
         for key, title, direction in TABLE_METRICS:
             if direction == 0:
                 continue
-            (ma, sa), (mb, sb) = summary[a][key], summary[b][key]
+            (ma, _), (mb, _) = summary[a][key], summary[b][key]
             if ma is None or mb is None:
                 continue
-            diff = ma - mb
-            spread = max(sa or 0.0, sb or 0.0)
-            if diff == 0:
-                verdict = "identical"
-            elif abs(diff) <= spread:
-                verdict = "within seed spread (no clear difference)"
-            elif diff * direction > 0:
-                verdict = f"{a} better"
-            else:
-                verdict = f"{a} WORSE"
+            diff, spread, kind = _gap(summary[a][key], summary[b][key], direction)
+            verdict = {
+                "identical": "identical",
+                "unclear": "within seed spread (no clear difference)",
+                "better": f"{a} better",
+                "WORSE": f"{a} WORSE",
+            }[kind]
             lines.append(
                 f"- {title}: {a} {ma:.4g} vs {b} {mb:.4g} (diff {diff:+.3g}, seed spread "
                 f"{spread:.2g}): {verdict}"
