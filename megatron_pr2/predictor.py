@@ -70,12 +70,11 @@ class LookaheadPredictor(torch.nn.Module):
         anchor means the optimiser stepped since, so that change becomes the predicted drift.
         Deterministic on every rank holding the same router weight (TP/EP/DP replicas)."""
         current = router_weight.detach().to(self.anchor.dtype)
-        if not bool(self.seen):
-            self.anchor.copy_(current)
-            self.seen.fill_(True)
-        elif not torch.equal(current, self.anchor):
-            self.weight.copy_((current - self.anchor) * self.scale)
-            self.anchor.copy_(current)
+        # Tensor-valued condition, no Python branch: no host sync per layer on GPU.
+        changed = self.seen & (current != self.anchor).any()
+        self.weight.copy_(torch.where(changed, (current - self.anchor) * self.scale, self.weight))
+        self.anchor.copy_(current)
+        self.seen.fill_(True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self.weight.dtype), self.weight)
