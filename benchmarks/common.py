@@ -62,10 +62,12 @@ def init_single_process(device: str, seed: int = 1234) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # A world of one on its own free port: an inherited MASTER_PORT may be held by the
+        # parent process (a test runner, a launcher) and would collide.
         backend = "nccl" if device == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(seed)

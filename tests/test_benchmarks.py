@@ -17,10 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(args, tmp_path, name):
     out = tmp_path / f"{name}.json"
-    # The script starts its own one-rank world on a free port: a MASTER_PORT left in this
-    # process's environment (by a single-rank test whose store still listens) would collide.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", *args, "--json", str(out)],
         cwd=REPO,
