@@ -105,3 +105,9 @@ def cuda_graph_captures_moe_preprocess(config: Any) -> bool:
     return config.cuda_graph_impl != "none" and (
         _CudaGraphPart.moe_preprocess in parts or not parts
     )
+
+
+def router_force_biased(config: Any) -> Optional[float]:
+    """config.moe_router_force_biased (megatron-core >= 0.19: a random bias added to the router
+    logits in TopKRouter.forward, for benchmarking); None where the field does not exist."""
+    return getattr(config, "moe_router_force_biased", None)

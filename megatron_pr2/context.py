@@ -222,6 +222,22 @@ class RoutingSession:
             local = self._decode(microbatch, layout, router)
         except ValueError as exc:
             error = exc
+        tp_group = router.tp_group
+        if tp_group.size() > 1 and not router.config.sequence_parallel:
+            # Every TP rank joins (a failed decode with the sentinel digest -1; real digests are
+            # >= 0); a mismatch then goes through the stage-wide agreement below, so the DP / CP
+            # peers raise too instead of waiting in the dispatcher.
+            digest = _route_digest(local.indices) if local is not None else torch.tensor(-1)
+            extremes = torch.stack([digest, -digest]).to(hidden.device)
+            torch.distributed.all_reduce(
+                extremes, op=torch.distributed.ReduceOp.MAX, group=tp_group
+            )
+            if error is None and int(extremes[0]) != -int(extremes[1]):
+                error = ValueError(
+                    f"microbatch {microbatch}: tensor-parallel ranks hold different routes; "
+                    "without sequence parallelism they route the same tokens and must replay "
+                    "identical routes"
+                )
         raise_on_any_rank(
             error,
             router.tp_dp_cp_group,
@@ -229,19 +245,6 @@ class RoutingSession:
             "(see that rank's error)",
             device=hidden.device,
         )
-        tp_group = router.tp_group
-        if tp_group.size() > 1 and not router.config.sequence_parallel:
-            digest = _route_digest(local.indices).to(hidden.device)
-            extremes = torch.stack([digest, -digest])
-            torch.distributed.all_reduce(
-                extremes, op=torch.distributed.ReduceOp.MAX, group=tp_group
-            )
-            if int(extremes[0]) != -int(extremes[1]):
-                raise ValueError(
-                    f"microbatch {microbatch}: tensor-parallel ranks hold different routes; "
-                    "without sequence parallelism they route the same tokens and must replay "
-                    "identical routes"
-                )
         if local.cache_rows is not None:
             mine = float(local.cache_rows.numel())
             count = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
@@ -269,6 +272,14 @@ class RoutingSession:
             "routing(replay): another rank of the group rejected its routes (see that rank's "
             "error)",
         )
+
+    def current_microbatch(self, router: PR2Router) -> Optional[int]:
+        """The microbatch `router` routed last in this context (its forward, or inside autograd's
+        backward its recompute), None before its first call: what a hook running after the
+        router in the same layer (the token dispatcher) belongs to."""
+        state = self.states[id(router)]
+        calls = state.recompute_calls if _in_backward() else state.forward_calls
+        return calls - 1 if calls else None
 
     # -- the router hook -------------------------------------------------------------------------
     def route(self, router: PR2Router, hidden, logits, padding_mask):

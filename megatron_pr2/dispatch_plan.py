@@ -49,7 +49,7 @@ from megatron.core.transformer.moe import token_dispatcher as _dispatcher_module
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_pr2.compat import cuda_graph_captures_moe_preprocess
-from megatron_pr2.context import RoutingSession, _in_backward, pr2_moe_layers
+from megatron_pr2.context import RoutingSession, pr2_moe_layers
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.router import PR2Router
 
@@ -103,8 +103,6 @@ class DispatchPlan:
         self.layers = layers
         self.entries = entries
         self.exchanges = exchanges  # all-gathers issued to build the plan (one per tp_ep group)
-        self.planned_calls = 0
-        self.fallback_calls = 0
         self._installed: List[_PlannedLayer] = []
 
     # -- hook lifetime -------------------------------------------------------------------------
@@ -132,24 +130,18 @@ class DispatchPlan:
             dispatcher.cuda_sync_point, dispatcher.cuda_dtoh_point = layer.saved_points
 
     # -- the hook --------------------------------------------------------------------------------
-    def _microbatch(self, router: PR2Router) -> int:
-        state = self.session.states[id(router)]
-        calls = state.recompute_calls if _in_backward() else state.forward_calls
-        if calls < 1:
-            raise RuntimeError(
-                f"{_FLAG}: the dispatcher of MoE layer {router.moe_layer_id} ran before its "
-                "router in this routing() context"
-            )
-        return calls - 1
-
     def _preprocess(self, layer: _PlannedLayer, routing_map: torch.Tensor) -> torch.Tensor:
         """MoEAlltoAllTokenDispatcher.preprocess from the plan (same attributes, same values)."""
         dispatcher = layer.dispatcher
-        microbatch = self._microbatch(layer.router)
+        microbatch = self.session.current_microbatch(layer.router)
+        if microbatch is None:
+            raise RuntimeError(
+                f"{_FLAG}: the dispatcher of MoE layer {layer.router.moe_layer_id} ran before "
+                "its router in this routing() context"
+            )
         entry = self.entries.get((microbatch, layer.column))
         if entry is None:
             # Stock path, with the sync points it set up itself (a planned call cleared them).
-            self.fallback_calls += 1
             dispatcher.cuda_sync_point, dispatcher.cuda_dtoh_point = layer.saved_points
             return layer.stock_preprocess(routing_map)
         if routing_map.shape[0] != entry.num_tokens:
@@ -158,7 +150,6 @@ class DispatchPlan:
                 f"dispatcher got {routing_map.shape[0]} tokens, the plan was computed for "
                 f"{entry.num_tokens} (pass routing(..., layout=) for sharded router inputs)"
             )
-        self.planned_calls += 1
         dispatcher.cuda_sync_point = _NO_SYNC
         dispatcher.cuda_dtoh_point = _NO_SYNC
         if entry.num_out_tokens is None:
@@ -333,10 +324,8 @@ def _entries_of_group(
             if bool(unplanned[m, j]):
                 continue
             config = layer.dispatcher.config
-            dynamic_out = (
-                config.moe_expert_capacity_factor is not None
-                or config.moe_router_padding_for_quantization
-            )
+            # (moe_router_padding_for_quantization, the other dynamic case, is refused above.)
+            dynamic_out = config.moe_expert_capacity_factor is not None
             global_per_local = (
                 global_tokens_device[m, j]
                 if config.moe_permute_fusion

@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_pr2.compat import router_force_biased
 from megatron_pr2.config import PR2Config
 from megatron_pr2.predictor import LinearPredictor, LookaheadPredictor, build_predictor
 from megatron_pr2.profiling import pr2_range
@@ -72,6 +73,11 @@ class PR2Router(TopKRouter):
                 f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r} has "
                 "no replayable top-k; PR2 supports aux_loss, seq_aux_loss, global_aux_loss, none"
             )
+        if router_force_biased(config) is not None:
+            raise ValueError(
+                f"moe_router_force_biased={router_force_biased(config)!r} (random logit bias for "
+                "benchmarks) cannot be replayed; PR2 requires it to be None"
+            )
         if config.moe_router_force_load_balancing:
             raise ValueError(
                 "moe_router_force_load_balancing=True (random logits) cannot be replayed"
@@ -87,8 +93,20 @@ class PR2Router(TopKRouter):
             # different token shard, so Megatron all-reduces params tagged sequence_parallel.
             setattr(param, "sequence_parallel", config.sequence_parallel)
             setattr(param, "pr2_predictor", True)
+        # False for the parameter-free lookahead: it gets no loss and no gradient.
+        self.predictor_trainable = any(True for _ in self.predictor.parameters())
         # Set by megatron_pr2.routing(); None means stock TopKRouter behaviour.
         self.session = None
+        self._moe_layer_id = self._compute_moe_layer_id()
+
+    def set_layer_number(self, layer_number: int) -> None:
+        super().set_layer_number(layer_number)
+        self._moe_layer_id = self._compute_moe_layer_id()
+
+    def _compute_moe_layer_id(self) -> int:
+        if self.layer_number is None:
+            return 0
+        return global_moe_layer_id(self.config, self.layer_number)
 
     @property
     def moe_layer_id(self) -> int:
@@ -97,9 +115,7 @@ class PR2Router(TopKRouter):
         A router outside a TransformerLayer (standalone MoELayer or router) has no layer number
         yet and counts as MoE layer 0; routing() refuses models where ids collide.
         """
-        if self.layer_number is None:
-            return 0
-        return global_moe_layer_id(self.config, self.layer_number)
+        return self._moe_layer_id
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         if self.session is None or self.session.mode == "off":
@@ -130,11 +146,6 @@ class PR2Router(TopKRouter):
         with torch.no_grad():
             offset = self.predictor_offset(input)
         return logits + offset.to(logits.dtype)
-
-    @property
-    def predictor_trainable(self) -> bool:
-        """False for the parameter-free lookahead: it gets no loss and no gradient."""
-        return any(True for _ in self.predictor.parameters())
 
     def refresh_lookahead(self) -> None:
         """Start of a predict_record pass: let a lookahead predictor observe the router weight."""

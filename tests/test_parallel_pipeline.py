@@ -310,12 +310,16 @@ CORRUPTIONS = {
     # Canonical routes on the scatter source lack MoE layer 2 (held by stage 1 only): stage 1's
     # requests fail on the source, stage 0's TP peer of the source gets a valid shard.
     "scatter_missing_layer_tp2_pp2": ("scatter", dict(tp=2, pp=2), "scatter", "layers", False),
+    # TP2 without sequence parallelism x DP2: one TP rank replays different (valid) routes than
+    # its TP peer; the digest check catches it, and the other DP replica must raise too instead
+    # of waiting in the expert-parallel dispatcher.
+    "tp_peers_differ_tp2_dp2": ("digest", dict(tp=2, dp=2), "direct", "tp_differ", False),
 }
 
 
 def _world(name):
     sizes = CORRUPTIONS[name][1]
-    return sizes.get("tp", 1) * sizes.get("pp", 1)
+    return sizes.get("tp", 1) * sizes.get("pp", 1) * sizes.get("dp", 1)
 
 
 def _random_routes(seed):
@@ -338,16 +342,17 @@ def _run_corrupted(name):
     from megatron_pr2.sharding import layout_for_rank, scatter_routes, shard_routes
 
     _, sizes, path, kind, agree_on_entry = CORRUPTIONS[name]
-    with init_megatron_parallel(**sizes):
+    with init_megatron_parallel(**{k: v for k, v in sizes.items() if k != "dp"}):
         tp = sizes.get("tp", 1)
-        config = tiny_gpt_config()
+        sequence_parallel = tp > 1 and kind != "tp_differ"
+        config = tiny_gpt_config(sequence_parallel=sequence_parallel)
         model = build_pr2_gpt(config, VOCAB, SEQ)
         layout = layout_for_rank(
             MBS,
             SEQ,
             tp_rank=ps.get_tensor_model_parallel_rank(),
             tp_size=tp,
-            sequence_parallel=tp > 1,
+            sequence_parallel=sequence_parallel,
         )
         layer_ids = _layer_ids(config, None)
         canonical = [_random_routes(m) for m in range(NUM_MB)]
@@ -366,11 +371,19 @@ def _run_corrupted(name):
                 shards = [shard_routes(c, short, layer_ids) for c in canonical]
             if bad and kind == "layers":
                 shards = [shard_routes(c, layout, layer_ids[:-1]) for c in canonical]
+            if bad and kind == "tp_differ":
+                shards = [
+                    shard_routes(_random_routes(100 + m), layout, layer_ids) for m in range(NUM_MB)
+                ]
         # Stage-local validation cannot cover pipeline peers (stage 1 waits on stage 0's
         # activations before its first router runs): there the ranks of the step agree on entry.
         group = {"group": dist.group.WORLD} if agree_on_entry else {}
+        rollout = kind == "tp_differ"  # Megatron refuses MoE + TP without SP in training
+        if rollout:
+            for chunk in model:
+                chunk.eval()
         with routing(model, "replay", routes=shards, layout=layout, **group):
-            run_schedule(model, _data(), SEQ, MBS, forward_only=False)
+            run_schedule(model, _data(), SEQ, MBS, forward_only=rollout)
 
 
 def _rank_corrupted(names):

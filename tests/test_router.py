@@ -382,6 +382,15 @@ def test_fused_router_is_refused(pg):
         build_moe_layer(config, _pr2_spec(config), pg_collection=pg)
 
 
+def test_force_biased_router_is_refused(pg):
+    # megatron-core 0.19 adds config.moe_router_force_biased (a random logit bias applied in
+    # TopKRouter.forward, which PR2's record/replay path does not run): refused, not skipped.
+    config = make_moe_config()
+    config.moe_router_force_biased = 0.5  # a field only from 0.19 on: set it on either version
+    with pytest.raises(ValueError, match="moe_router_force_biased"):
+        build_moe_layer(config, _pr2_spec(config), pg_collection=pg)
+
+
 def test_kl_post_loss_matches_design_formula(pg):
     """L = mean over cached tokens of KL(softmax(p_live) || softmax(p_old + h_old W_p))."""
     from megatron_pr2 import routing
