@@ -43,8 +43,8 @@ def _in_backward() -> bool:
 
 
 def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[N] number of experts two [N, k] top-k index sets share."""
-    return (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)
+    """[...] number of experts two [..., k] top-k index sets share."""
+    return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
 
 
 def cache_rows(layout: TokenLayout, cache_tokens_per_sequence: int) -> torch.Tensor:

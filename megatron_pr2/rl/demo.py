@@ -19,8 +19,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
-PREDICTORS = ("linear", "lowrank", "bias", "lookahead")
+# Both modules import no megatron-core (apply_cpu_patches must run first on CPU).
+from megatron_pr2.arguments import PR2_MODES as MODES
+from megatron_pr2.config import PREDICTOR_KINDS as PREDICTORS
 
 
 @dataclasses.dataclass

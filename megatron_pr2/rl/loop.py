@@ -22,15 +22,16 @@ import json
 import os
 import random
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
+from megatron_pr2.arguments import PR2_MODES as MODES
 from megatron_pr2.compat import clear_aux_losses_tracker
-from megatron_pr2.context import pr2_routers
+from megatron_pr2.context import pr2_routers, topk_overlap
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
 from megatron_pr2.rl.metrics import MetricsWriter, StepMetrics
 from megatron_pr2.rl.model import (
@@ -47,8 +48,6 @@ from megatron_pr2.rl.sft import prompt_tokens
 from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
 from megatron_pr2.rl.task import ArithmeticTask, exact_match
 from megatron_pr2.rl.tokenizer import TaskTokenizer
-
-MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
 
 # routing() mode of (engine scoring pass, trainer old-policy pass, training mini-steps).
 _MODE_PLAN = {
@@ -132,10 +131,11 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def topk_overlap_per_layer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean |a ∩ b| / k per layer for routes a, b [T, L, k] -> [L] float64."""
-    shared = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
-    return shared.double().mean(dim=0) / a.size(-1)
+def route_agreement(a: RouteBatch, b: RouteBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per layer of two routes of the same tokens: mean |a ∩ b| / k and the flip rate (fraction
+    of tokens whose top-k sets differ), each [L] float64."""
+    shared = topk_overlap(a.indices, b.indices)  # [T, L]
+    return shared.double().mean(dim=0) / a.topk, (shared < a.topk).double().mean(dim=0)
 
 
 def _dp_group():
@@ -304,7 +304,7 @@ class RLTrainer:
                         with routing(self.model, "record") as hp:
                             score(self.model, sequences[idx], tok.vocab_size)
                         plain = hp.routes
-                    acc = topk_overlap_per_layer(engine_routes[j].indices, plain.indices)
+                    acc, _ = route_agreement(engine_routes[j], plain)
                     metrics.add_per_layer("pr2/train_inference_route_accuracy", acc)
 
         # 5. Mini-steps.
@@ -327,10 +327,8 @@ class RLTrainer:
                     metrics.add_layers("pr2", h.metrics, ministep=i)
                 else:
                     # No replay: measure the natural drift, |TopK(p_old) ∩ TopK(p_live)| / k.
-                    live = h.routes
-                    acc = topk_overlap_per_layer(old_routes[j].indices, live.indices)
+                    acc, flips = route_agreement(old_routes[j], h.routes)
                     metrics.add_per_layer("pr2/route_topk_accuracy", acc, ministep=i)
-                    flips = 1.0 - self._flip_free(old_routes[j], live)
                     metrics.add_per_layer("pr2/flip_rate", flips, ministep=i)
                 metrics.add("rl/policy_loss", float(loss.detach()), 1)
                 metrics.add("rl/clip_fraction", float(stats["clipped"]), float(stats["units"]))
@@ -378,13 +376,6 @@ class RLTrainer:
             )
             metrics.add_per_layer("pr2/router_drift_cosine", cosine)
         self._last_router_drift = drift
-
-    @staticmethod
-    def _flip_free(a: RouteBatch, b: RouteBatch) -> torch.Tensor:
-        """Per layer: fraction of tokens whose top-k set is unchanged between two routes."""
-        ia, ib = a.indices, b.indices
-        same = (ia.unsqueeze(-1) == ib.unsqueeze(-2)).any(dim=-1).all(dim=-1)
-        return same.double().mean(dim=0)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_dir(self, step: int) -> str:

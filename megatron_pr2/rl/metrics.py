@@ -28,9 +28,6 @@ class StepMetrics:
         self._sum[name] += float(value)
         self._count[name] += float(count)
 
-    def add_mean(self, name: str, mean, count: float = 1.0) -> None:
-        self.add(name, float(mean) * count, count)
-
     def add_max(self, name: str, value) -> None:
         value = float(value)
         self._max[name] = max(self._max.get(name, float("-inf")), value)
@@ -129,13 +126,3 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def read_history(log_dir: str) -> list:
-    """Per-step metric dicts of a run, in step order."""
-    path = os.path.join(log_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda r: r["step"])

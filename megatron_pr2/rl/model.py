@@ -21,6 +21,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_pr2.compat import reset_moe_metrics
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -153,13 +155,6 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> Transform
     )
 
 
-def reset_moe_metrics_tracker() -> None:
-    """Drop Megatron's per-layer aux-loss logging entries (see compat.reset_moe_metrics)."""
-    from megatron_pr2.compat import reset_moe_metrics
-
-    reset_moe_metrics()
-
-
 def build_gpt_model(
     cfg: ModelConfig,
     vocab_size: int,
@@ -172,7 +167,7 @@ def build_gpt_model(
     PR2Config is given), stock GPTModel. Dense parameters are identical on every rank for a
     given seed (required for data parallelism); expert weights depend on the EP rank.
     """
-    reset_moe_metrics_tracker()
+    reset_moe_metrics()  # Megatron's per-layer aux-loss log entries of any previous model
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_experts, moe_grouped_gemm=False)
@@ -212,17 +207,8 @@ def forward_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     """Copy every parameter and buffer of src into dst (casting to dst's dtypes): the
-    trainer -> inference-engine weight sync, which also carries PR2 predictor weights."""
-    src_state = src.state_dict()
-    dst_state = dst.state_dict()
-    if src_state.keys() != dst_state.keys():
-        raise ValueError(
-            "engine and trainer state dicts differ: "
-            f"{sorted(set(src_state) ^ set(dst_state))[:8]}"
-        )
-    for name, value in dst_state.items():
-        if isinstance(value, torch.Tensor):
-            value.copy_(src_state[name])
+    trainer -> inference-engine weight sync, which also carries PR2 predictor state."""
+    dst.load_state_dict(src.state_dict(), strict=True)
 
 
 def is_expert_param(param: torch.nn.Parameter) -> bool:

@@ -9,8 +9,7 @@
 # Generation re-runs the full forward for every new token (no KV cache): at the demo's size
 # (S <= 16) this costs little and keeps the engine a stock Megatron GPTModel.
 
-import dataclasses
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,22 +27,6 @@ def policy_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     masked = logits.float().clone()
     masked[..., vocab_size:] = float("-inf")
     return masked
-
-
-@dataclasses.dataclass
-class RolloutBatch:
-    """One rollout batch on this rank."""
-
-    sequences: torch.Tensor
-    """[B, S] int64 prompt + response + padding."""
-    response_mask: torch.Tensor
-    """[B, S - 1] float, 1 where the target token was generated (EOS included)."""
-    completions: List[str]
-    """Decoded responses (EOS and padding stripped)."""
-    rewards: torch.Tensor
-    """[B] float32 task rewards."""
-    rollout_logprobs: Optional[torch.Tensor] = None
-    """[B, S - 1] fp32 engine log-probs of the targets (the 'inference' side of the mismatch)."""
 
 
 @torch.no_grad()

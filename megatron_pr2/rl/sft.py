@@ -9,6 +9,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -17,15 +18,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.rl.grpo import token_logprobs
 from megatron_pr2.rl.model import (
     ModelConfig,
     clip_gradients,
     default_device,
-    forward_logits,
     reduce_gradients,
 )
-from megatron_pr2.rl.rollout import policy_logits
+from megatron_pr2.rl.rollout import score
 from megatron_pr2.rl.task import ArithmeticTask, Problem, TaskConfig
 from megatron_pr2.rl.tokenizer import BOS_ID, EOS_ID, PAD_ID, TaskTokenizer
 
@@ -101,7 +100,9 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+    # float32 cosine, as the measured runs in README used (a float64 one shifts the weights).
+    cosine = torch.cos(torch.tensor(progress * math.pi)).item()
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + cosine))
 
 
 def run_sft(
@@ -131,8 +132,7 @@ def run_sft(
         ]
         batch = sft_batch(tokenizer, problems, seq_length, answers)
         tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device)
-        logits = policy_logits(forward_logits(model, tokens), tokenizer.vocab_size)[:, :-1]
-        nll = -token_logprobs(logits, tokens[:, 1:])
+        nll = -score(model, tokens, tokenizer.vocab_size)[0]
         loss = (nll * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

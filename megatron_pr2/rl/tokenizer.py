@@ -97,12 +97,3 @@ def train_tokenizer(corpus: Sequence[str], model_prefix: str, vocab_size: int = 
         f.write(model.getvalue())
     os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
     return path
-
-
-def load_or_train_tokenizer(
-    corpus: Sequence[str], model_prefix: str, vocab_size: int = 64
-) -> TaskTokenizer:
-    path = model_prefix + ".model"
-    if not os.path.exists(path):
-        train_tokenizer(corpus, model_prefix, vocab_size)
-    return TaskTokenizer(path)
