@@ -25,6 +25,7 @@ import math
 import sys
 import typing
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,6 +38,7 @@ from megatron_pr2.arguments import PR2_MODES, pr2_config_from_args, pr2_optimize
 from megatron_pr2.config import PR2Config
 from megatron_pr2.context import METRIC_NAMES, RoutingHandle, pr2_routers, routing
 from megatron_pr2.routes import RouteBatch, TokenLayout
+from megatron_pr2.sharding import moe_layer_pattern
 from megatron_pr2.spec import apply_pr2
 
 Model = Union[torch.nn.Module, Sequence[torch.nn.Module]]
@@ -337,15 +339,8 @@ def moe_layer_numbers(
     after the decoder's), as Megatron numbers them and megatron_pr2.sharding counts them.
     """
     mtp = [num_layers + j for j in range(1, (mtp_num_layers or 0) + 1)]
-    if isinstance(moe_layer_freq, int):
-        pattern = [1 if i % moe_layer_freq == 0 else 0 for i in range(num_layers)]
-    else:
-        pattern = list(moe_layer_freq)
-        if len(pattern) != num_layers:
-            raise ValueError(
-                f"moe_layer_freq has {len(pattern)} entries for num_layers={num_layers}"
-            )
-    return [i + 1 for i, is_moe in enumerate(pattern) if is_moe] + mtp
+    config = SimpleNamespace(num_layers=num_layers, moe_layer_freq=moe_layer_freq)
+    return [i + 1 for i, is_moe in enumerate(moe_layer_pattern(config)) if is_moe] + mtp
 
 
 def _metrics_device() -> torch.device:

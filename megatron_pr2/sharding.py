@@ -220,7 +220,8 @@ def moe_layer_pattern(config: Any) -> List[int]:
     if isinstance(freq, (list, tuple)):
         if len(freq) != config.num_layers or any(x not in (0, 1) for x in freq):
             raise ValueError(
-                f"moe_layer_freq={list(freq)} must be a 0/1 list of num_layers={config.num_layers} entries"
+                f"moe_layer_freq has {len(freq)} entries {list(freq)}: it must be a 0/1 list of "
+                f"num_layers={config.num_layers} entries"
             )
         return [int(x) for x in freq]
     raise ValueError(f"moe_layer_freq={freq!r} must be an int or a list")
