@@ -1,15 +1,16 @@
 # Optimizer wiring of the PR2 predictor: it trains at alpha x the base learning rate.
 #
 # Two equivalent routes: torch optimizers take `predictor_param_groups`; Megatron's
-# get_megatron_optimizer takes `is_predictor_param` as its scale_lr_cond with lr_mult=alpha.
+# get_megatron_optimizer takes the per-parameter config_overrides of
+# megatron_pr2.arguments.pr2_optimizer_config_overrides (both select by the `pr2_predictor` tag).
 
 from typing import List, Sequence, Union
 
 import torch
 
 
-def is_predictor_param(name: str, param: torch.nn.Parameter) -> bool:
-    """True for PR2 predictor parameters (Megatron scale_lr_cond signature)."""
+def is_predictor_param(param: torch.nn.Parameter) -> bool:
+    """True for PR2 predictor parameters (tagged `pr2_predictor` by PR2Router)."""
     return bool(getattr(param, "pr2_predictor", False))
 
 
@@ -28,9 +29,9 @@ def predictor_param_groups(
     chunks = model if isinstance(model, (list, tuple)) else [model]
     predictor, rest = [], []
     for chunk in chunks:
-        for name, param in chunk.named_parameters():
+        for param in chunk.parameters():
             if param.requires_grad:
-                (predictor if is_predictor_param(name, param) else rest).append(param)
+                (predictor if is_predictor_param(param) else rest).append(param)
     groups = [{"params": rest, "lr": base_lr, "weight_decay": weight_decay}]
     if predictor:
         groups.append({"params": predictor, "lr": base_lr * alpha, "weight_decay": 0.0})

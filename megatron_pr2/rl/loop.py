@@ -32,6 +32,7 @@ from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
 from megatron_pr2.arguments import PR2_MODES as MODES
 from megatron_pr2.compat import clear_aux_losses_tracker
 from megatron_pr2.context import pr2_routers, topk_overlap
+from megatron_pr2.optim import is_predictor_param
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
 from megatron_pr2.rl.metrics import MetricsWriter, StepMetrics
 from megatron_pr2.rl.model import (
@@ -186,12 +187,8 @@ class RLTrainer:
             betas=(0.9, 0.999),
             eps=1e-8,
         )
-        self._predictor_params = [
-            p for p in self.model.parameters() if getattr(p, "pr2_predictor", False)
-        ]
-        self._policy_params = [
-            p for p in self.model.parameters() if not getattr(p, "pr2_predictor", False)
-        ]
+        self._predictor_params = [p for p in self.model.parameters() if is_predictor_param(p)]
+        self._policy_params = [p for p in self.model.parameters() if not is_predictor_param(p)]
         self.step_index = 0
         # Router-weight change over the previous rollout batch (per router), for the drift
         # telemetry: how alike consecutive batches' drifts are is what a predictor can exploit.
