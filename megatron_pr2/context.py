@@ -167,8 +167,11 @@ class RoutingSession:
             self._layouts[microbatch] = layout
         return layout
 
-    def _decode(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> _LocalRoutes:
-        """Decode and validate one microbatch's routes for this rank's router rows."""
+    def _decode(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
+    ) -> _LocalRoutes:
+        """Decode and validate one microbatch's routes for this rank's router rows; with_cache
+        False skips the predictor cache (for callers that only count or validate routes)."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -196,14 +199,18 @@ class RoutingSession:
             columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
         )
         local.has_missing = _check_missing(batch, microbatch, router.pr2_config)
-        if batch.cache is not None:
+        if batch.cache is not None and with_cache:
             position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
             position[layout.token_index] = torch.arange(layout.token_index.numel())
             cached_rows = position[batch.cache.token_index]
             here = cached_rows >= 0
             local.cache_rows = cached_rows[here]
-            local.cache_hidden = batch.cache.hidden[here]
-            local.cache_logits = batch.cache.logits[here]
+            local.cache_hidden, local.cache_logits = batch.cache.hidden, batch.cache.logits
+            if not bool(here.all()):  # boolean indexing copies: only when some rows are not here
+                local.cache_hidden, local.cache_logits = (
+                    local.cache_hidden[here],
+                    local.cache_logits[here],
+                )
         return local
 
     def _bind(self, router: PR2Router, microbatch: int, hidden: torch.Tensor) -> None:
@@ -263,7 +270,9 @@ class RoutingSession:
         try:
             for microbatch in range(len(self.routes)):
                 # Full routes: the token count is checked at the first forward.
-                self._decode(microbatch, self.entry_layout(microbatch), self.routers[0])
+                self._decode(
+                    microbatch, self.entry_layout(microbatch), self.routers[0], with_cache=False
+                )
         except ValueError as exc:
             error = exc
         raise_on_any_rank(

@@ -227,7 +227,9 @@ def _local_tokens_per_expert(
     """
     unplanned = torch.full((len(layers), num_experts), _UNPLANNED, dtype=torch.int64)
     try:
-        local = session._decode(microbatch, session.entry_layout(microbatch), layers[0].router)
+        local = session._decode(
+            microbatch, session.entry_layout(microbatch), layers[0].router, with_cache=False
+        )
     except ValueError:
         return unplanned, -1  # the first forward's _bind raises on every rank of the stage
     columns = [local.columns[layer.router.moe_layer_id] for layer in layers]
