@@ -133,6 +133,9 @@ class RoutingSession:
         self.layout = layout
         self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
         self._layouts: Dict[int, TokenLayout] = {}
+        # predict_record: the cached router rows of each microbatch, on the hidden states'
+        # device, computed once for all layers (a CPU index would be copied per layer).
+        self._cache_rows: Dict[int, torch.Tensor] = {}
         self._local: Dict[int, _LocalRoutes] = {}
 
     # -- per-microbatch views ------------------------------------------------------------------
@@ -334,7 +337,11 @@ class RoutingSession:
         probs, routing_map, top_indices, dropped = router.route(effective, padding_mask)
         record = _Recorded(top_indices.detach(), None if dropped is None else dropped.detach())
         if self.mode == "predict_record":
-            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
+            rows = self._cache_rows.get(microbatch)
+            if rows is None:
+                # One cache density per model: recorded_routes uses the first router's too.
+                rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
+                rows = self._cache_rows[microbatch] = rows.to(hidden.device)
             cached_hidden = hidden.reshape(-1, hidden.shape[-1])[rows].detach()
             # p_old (without the predictor) of the cached rows; a rank may hold none of them.
             p_old = effective.new_zeros(0, effective.shape[-1])
