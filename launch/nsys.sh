@@ -14,7 +14,7 @@
 #   --ranks "R..."   ranks that call the profiler API (default: $PROFILE_RANKS, else 0)
 #   --output PATH    report path, nsys %-patterns allowed (default: nsys/pr2-%h-%p)
 #   --trace LIST     nsys -t list (default: cuda,nvtx,osrt,cublas,cudnn)
-#   --nproc N        ranks on this node (default: $NPROC, else 8)
+#   --nproc N        ranks on this node (default: $NPROC, else the GPU count, as torchrun.sh)
 #   --module M       python module to run (default: megatron_pr2.rl.demo)
 #   --script PATH    python script instead (e.g. Megatron-LM's pretrain_gpt.py)
 #   --no-nvtx-ranges do not pass --nvtx-ranges (Megatron-LM releases without that flag)
@@ -37,7 +37,7 @@ end=${PROFILE_STEP_END:-12}
 ranks=${PROFILE_RANKS:-0}
 output=nsys/pr2-%h-%p
 trace=cuda,nvtx,osrt,cublas,cudnn
-nproc=${NPROC:-8}
+nproc=${NPROC:-}
 module=megatron_pr2.rl.demo
 script=
 nvtx_ranges=1
@@ -91,6 +91,10 @@ while (($#)); do
     shift
 done
 
+if [[ -z $nproc ]]; then
+    nproc=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    ((nproc > 0)) || nproc=1
+fi
 for value in "$start" "$end" "$nproc"; do
     if ! [[ $value =~ ^[0-9]+$ ]]; then
         echo "nsys.sh: --start/--end/--nproc must be integers, got '$value'" >&2

@@ -348,6 +348,19 @@ def test_nsys_default_module_accepts_the_profiling_flags():
     }
 
 
+def test_nsys_defaults_to_one_rank_per_gpu(tmp_path):
+    # Without --nproc / NPROC, nsys.sh starts one rank per GPU nvidia-smi lists (as torchrun.sh),
+    # not a fixed 8 that would oversubscribe a 4-GPU node.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_exe(
+        bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: H200\"; done\n"
+    )
+    env = {"PATH": str(bin_dir) + os.pathsep + os.environ["PATH"]}
+    argv = shlex.split(_run("nsys.sh", ["--dry-run"], env=env).stdout)
+    assert "--nproc-per-node=4" in argv
+
+
 def test_nsys_rejects_empty_range():
     proc = _run("nsys.sh", ["--dry-run", "--start", "5", "--end", "5"], check=False)
     assert proc.returncode == 2 and "must be greater than --start" in proc.stderr
