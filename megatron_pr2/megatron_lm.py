@@ -69,7 +69,7 @@ def phase_routing_mode(phase: str, mode: str) -> str:
     """megatron_pr2.routing mode ("off", "record", "predict_record", "replay") of an RL phase.
 
     With an external inference engine (vLLM, SGLang) the rollout does not run this model: under
-    r3 / pr2-r3 import the engine's routes with megatron_pr2.wire instead of recording here.
+    r3 / pr2-r3 import the engine's routes with megatron_pr2.engines instead of recording here.
     """
     if mode not in PHASE_MODES:
         raise ValueError(f"--pr2-mode={mode}: must be one of {PR2_MODES}")

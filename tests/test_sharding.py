@@ -723,7 +723,7 @@ def test_engine_routes_same_expert_under_every_layout(thd) -> None:
     """R3: routes imported from an engine reach every router row of every layout unchanged."""
     import numpy as np
 
-    from megatron_pr2.wire import routes_from_engine
+    from megatron_pr2.engines import routes_from_engine
 
     B, S, L, k, E = 2, 16, 2, 2, 8
     rng = np.random.default_rng(0)

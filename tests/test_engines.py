@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_pr2.routes import RouteBatch
-from megatron_pr2.wire import routes_from_engine, routes_to_engine
+from megatron_pr2.engines import routes_from_engine, routes_to_engine
 
 
 def engine_routes(lengths, L, k, E, seed, np_dtype=np.int32):
