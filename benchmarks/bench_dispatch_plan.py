@@ -148,7 +148,7 @@ def measure(args: argparse.Namespace) -> Optional[dict]:
     from megatron.core.transformer.moe import token_dispatcher as dispatcher_module
 
     from megatron_pr2 import routing
-    from megatron_pr2.sharding import layout_for_rank
+    from megatron_pr2.parallel import layout_for_rank
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=args.tp,

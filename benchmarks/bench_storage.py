@@ -188,7 +188,7 @@ def real_record_check(device: str = "cpu") -> dict:
 
 
 def _config_for(layout: ModelLayout):
-    """A TransformerConfig of the layout (no weights are built) for sharding.moe_layer_ids."""
+    """A TransformerConfig of the layout (no weights are built) for parallel.moe_layer_ids."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     freq = [0] * layout.first_dense + [1] * layout.moe_layers
@@ -212,8 +212,8 @@ def _config_for(layout: ModelLayout):
 
 
 def stage_layers(layout: ModelLayout) -> List[torch.Tensor]:
-    """Global MoE-layer ids of every pipeline stage (megatron_pr2.sharding.moe_layer_ids)."""
-    from megatron_pr2.sharding import moe_layer_ids
+    """Global MoE-layer ids of every pipeline stage (megatron_pr2.parallel.moe_layer_ids)."""
+    from megatron_pr2.parallel import moe_layer_ids
 
     config = _config_for(layout)
     return [moe_layer_ids(config, rank, layout.pp) for rank in range(layout.pp)]
@@ -223,7 +223,7 @@ def per_rank_bytes(
     layout: ModelLayout, seq_length: int, micro_batch: int, tokens_per_step: int
 ) -> dict:
     """Measured bytes of one rank's route shard per microbatch, and per-step projections."""
-    from megatron_pr2.sharding import layout_for_rank, shard_routes
+    from megatron_pr2.parallel import layout_for_rank, shard_routes
 
     stages = stage_layers(layout)
     assert sum(s.numel() for s in stages) == layout.moe_layers, "stages miss MoE layers"

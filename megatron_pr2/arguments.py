@@ -4,7 +4,7 @@
 # `pretrain(..., extra_args_provider=add_pr2_args)` or `parse_args(extra_args_provider=...)`, or
 # call it on any argparse parser. One kebab-case `--pr2-<field>` flag per PR2Config field (dest
 # `pr2_<field>`, default and help taken from the dataclass), plus `--pr2-mode`, the RL routing
-# strategy (see megatron_pr2.megatron_lm.PHASE_MODES).
+# strategy (megatron_pr2.phases.STRATEGIES).
 #
 # `pr2_config_from_args(args)` turns parsed args into a PR2Config; user errors name the flag.
 # `megatron_optimizer_kwargs(args)` gives get_megatron_optimizer the predictor learning rate:
@@ -22,11 +22,7 @@ from megatron_pr2.config import (
     PREDICTOR_KINDS,
     PR2Config,
 )
-
-PR2_MODES = ("none", "r2", "r3", "pr2", "pr2-r3")
-"""RL routing strategies: none (stock routing everywhere), r2 (record in the old-policy pass,
-replay in training), r3 (record the rollout, replay in old-policy and training), pr2 (r2 with the
-predictor), pr2-r3 (r3 with the predictor)."""
+from megatron_pr2.phases import STRATEGIES
 
 _CHOICES = {
     "predictor": PREDICTOR_KINDS,
@@ -59,7 +55,7 @@ def add_pr2_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--pr2-mode",
         type=str,
         default="none",
-        choices=PR2_MODES,
+        choices=STRATEGIES,
         help=_help(
             "RL routing strategy: none (stock routing), r2 (record the old-policy pass, replay "
             "it in training), r3 (record the rollout, replay it in the old-policy pass and "
@@ -102,8 +98,8 @@ def pr2_config_from_args(args: argparse.Namespace) -> PR2Config:
     without add_pr2_args still works, e.g. in a test).
     """
     mode = getattr(args, "pr2_mode", "none")
-    if mode not in PR2_MODES:
-        raise ValueError(f"--pr2-mode={mode}: must be one of {PR2_MODES}")
+    if mode not in STRATEGIES:
+        raise ValueError(f"--pr2-mode={mode}: must be one of {STRATEGIES}")
     values = {}
     for f in dataclasses.fields(PR2Config):
         dest = dest_of(f.name)
@@ -175,3 +171,10 @@ def megatron_optimizer_kwargs(
             optimizer_config, alpha, config_overrides
         )
     }
+
+
+def megatron_lm_args() -> Any:
+    """Megatron-LM's parsed global args (megatron.training.get_args)."""
+    from megatron.training import get_args
+
+    return get_args()

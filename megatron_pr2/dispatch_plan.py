@@ -49,9 +49,10 @@ from megatron.core.transformer.moe import token_dispatcher as _dispatcher_module
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_pr2.compat import cuda_graph_captures_moe_preprocess
-from megatron_pr2.context import RoutingSession, pr2_moe_layers
+from megatron_pr2.model_index import pr2_moe_layers
 from megatron_pr2.profiling import pr2_range
 from megatron_pr2.router import PR2Router
+from megatron_pr2.session import RoutingSession
 
 _FLAG = "routing(..., 'replay', dispatch_plan=True)"
 # cuda_sync_point / cuda_dtoh_point value that _maybe_dtoh_and_synchronize never matches: no DtoH
@@ -227,7 +228,7 @@ def _local_tokens_per_expert(
     """
     unplanned = torch.full((len(layers), num_experts), _UNPLANNED, dtype=torch.int64)
     try:
-        local = session._decode(
+        local = session.decode(
             microbatch, session.entry_layout(microbatch), layers[0].router, with_cache=False
         )
     except ValueError:

@@ -5,15 +5,19 @@
 # probs and routing_map [T, E] as in Megatron-Core.
 #
 # Modes are driven by `megatron_pr2.routing(model, mode, ...)`, which hands every router of the
-# model one RoutingSession (context.py). Without a session the router IS the stock TopKRouter:
-# forward() calls TopKRouter.forward unchanged.
+# model one RoutingSession (session.py). The router asks the session what to do for the current
+# microbatch (a RouteAnswer) and routes itself; the session only supplies data and keeps records.
+# Without a session the router IS the stock TopKRouter: forward() calls TopKRouter.forward.
+# Routing itself is TopKRouter.routing (super().routing()) with Megatron's replay hook
+# (`router_replay.get_replay_topk`) forcing the top-k; only replaying recorded capacity drops
+# needs its own step, since TopKRouter.routing always re-decides drops from live probabilities.
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
-    apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     get_capacity,
     router_gating_linear,
@@ -24,9 +28,61 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_pr2.compat import router_force_biased
 from megatron_pr2.config import PR2Config
-from megatron_pr2.predictor import LinearPredictor, LookaheadPredictor, build_predictor
+from megatron_pr2.parallel.layers import global_moe_layer_id
+from megatron_pr2.predictor import (
+    LinearPredictor,
+    LookaheadPredictor,
+    build_predictor,
+    predictor_loss,
+)
 from megatron_pr2.profiling import pr2_range
-from megatron_pr2.sharding import global_moe_layer_id
+from megatron_pr2.telemetry import LayerStats, observe_predictor, observe_replay
+
+
+@dataclass
+class RouteAnswer:
+    """The session's answer to a router's question "how do I route this microbatch?"."""
+
+    microbatch: int
+    """Index of the microbatch in the routing() context (forward order)."""
+    recompute: bool
+    """True for an activation-recompute forward (inside autograd's backward)."""
+    stats: LayerStats
+    """Where replay telemetry of this router accumulates."""
+    target: Optional[torch.Tensor] = None
+    """[T, k] top_indices to force (replay, or a recompute of a recorded microbatch); -1 marks a
+    missing route under missing_route_policy="fallback"."""
+    dropped: Optional[torch.Tensor] = None
+    """[T, k] recorded capacity drops to re-apply (None: no capacity factor)."""
+    fill_missing: bool = False
+    """Some rows of `target` are -1 and take the live top-k."""
+    cache_rows: Optional[torch.Tensor] = None
+    """[C_local] router rows of the predictor cache: predict_record caches them; replay computes
+    the predictor loss on them."""
+    cache_hidden: Optional[torch.Tensor] = None
+    """Replay: [C_local, H] cached router inputs h_old of this layer."""
+    cache_logits: Optional[torch.Tensor] = None
+    """Replay: [C_local, E] cached logits p_old of this layer."""
+    cache_share: float = 1.0
+    """C_local / C: this rank's share of the microbatch's cached tokens."""
+    train_predictor: bool = False
+    """Attach the predictor loss to the backward pass."""
+    telemetry: bool = False
+    """Accumulate replay telemetry into `stats`."""
+
+
+@dataclass
+class Recorded:
+    """What one router recorded for one microbatch (router row order)."""
+
+    top_indices: torch.Tensor
+    """[T, k] experts routed to."""
+    dropped: Optional[torch.Tensor]
+    """[T, k] capacity drops (None without a capacity factor)."""
+    hidden: Optional[torch.Tensor] = None
+    """predict_record: [C_local, H] cached router inputs h_old (fp32)."""
+    logits: Optional[torch.Tensor] = None
+    """predict_record: [C_local, E] cached logits p_old without the predictor (fp32)."""
 
 
 class _TopKOverride:
@@ -54,7 +110,7 @@ class _TopKOverride:
 
 
 class PR2Router(TopKRouter):
-    """TopKRouter with a PR2 evolution predictor; see DESIGN.md section 2 for the algorithm."""
+    """TopKRouter with a PR2 evolution predictor; see docs/design.md section 2 for the algorithm."""
 
     def __init__(
         self,
@@ -118,15 +174,101 @@ class PR2Router(TopKRouter):
         return self._moe_layer_id
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if self.session is None or self.session.mode == "off":
+        session = self.session
+        if session is None or session.mode == "off":
             return super().forward(input, padding_mask)
         self._maintain_float32_expert_bias()
         input = self.apply_input_jitter(input)
-        if self.session.mode == "predict_record":
-            logits = self.predicted_gating(input)
-        else:
-            logits = self.gating(input)
-        return self.session.route(self, input, logits, padding_mask)
+        answer = session.ask(self, input)
+        if session.mode == "replay":
+            with pr2_range("replay"):
+                return self._replay(input, padding_mask, answer)
+        logits = self.predicted_gating(input) if session.mode == "predict_record" else None
+        with pr2_range("record"):
+            if logits is None:
+                logits = self.gating(input)
+            probs, routing_map, top_indices, dropped = self.route(
+                logits, padding_mask, answer.target, answer.dropped
+            )
+            if not answer.recompute:
+                session.save(self, self._record(input, answer, top_indices, dropped))
+        return probs, routing_map
+
+    def _record(
+        self,
+        input: torch.Tensor,
+        answer: RouteAnswer,
+        top_indices: torch.Tensor,
+        dropped: Optional[torch.Tensor],
+    ) -> Recorded:
+        """What this router recorded for a microbatch, with the predictor cache rows (h_old and
+        p_old without the predictor) in predict_record."""
+        record = Recorded(top_indices.detach(), None if dropped is None else dropped.detach())
+        rows = answer.cache_rows
+        if rows is not None:
+            cached_hidden = input.reshape(-1, input.shape[-1])[rows].detach()
+            # A rank may hold none of the cached rows.
+            p_old = cached_hidden.new_zeros(0, self.config.num_moe_experts)
+            if rows.numel():
+                with torch.no_grad():
+                    p_old = self.gating(cached_hidden)
+            record.logits = p_old.float()
+            record.hidden = cached_hidden.float()
+        return record
+
+    def _replay(
+        self, input: torch.Tensor, padding_mask: Optional[torch.Tensor], answer: RouteAnswer
+    ):
+        logits = self.gating(input)
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        target, live = answer.target, None
+        if answer.fill_missing:
+            # missing_route_policy="fallback": tokens without a route take the live top-k.
+            live = self.live_topk(flat_logits)
+            target = torch.where(target < 0, live, target)
+        probs, routing_map, _, _ = self.route(logits, padding_mask, target, answer.dropped)
+
+        config = self.pr2_config
+        cached = answer.cache_rows is not None and answer.cache_rows.numel() > 0
+        loss = offset = live_cached = None
+        if cached and (answer.train_predictor or answer.telemetry):
+            live_cached = flat_logits[answer.cache_rows].detach()
+            # Before loss_start_ministep the loss is only reported: no graph for it.
+            with torch.set_grad_enabled(answer.train_predictor and torch.is_grad_enabled()):
+                offset = self.predictor_offset(answer.cache_hidden)
+                loss = predictor_loss(config.loss, live_cached, answer.cache_logits, offset)
+        if self.training and torch.is_grad_enabled():
+            if answer.train_predictor:
+                # The objective is the mean over the microbatch's cached tokens; this rank holds
+                # C_local of C (sequence / context parallel shards), and Megatron sums
+                # sequence-parallel grads over TP: weight the local mean by C_local / C.
+                share = loss * answer.cache_share
+                probs = MoEAuxLossAutoScaler.apply(probs, share * config.loss_coeff)
+            elif self.predictor_trainable:
+                # An exact-zero gradient, so the predictor's grad buckets fill on every step.
+                zero = sum(p.sum() for p in self.predictor.parameters()) * 0.0
+                probs = MoEAuxLossAutoScaler.apply(probs, zero)
+        if answer.telemetry:
+            observe_replay(
+                answer.stats,
+                self.topk,
+                self.live_topk,
+                target,
+                flat_logits,
+                live,
+                config.telemetry_stride,
+            )
+            if cached:
+                observe_predictor(
+                    answer.stats,
+                    self.topk,
+                    self.live_topk,
+                    live_cached,
+                    answer.cache_logits,
+                    offset,
+                    loss,
+                )
+        return probs, routing_map
 
     def predicted_gating(self, input: torch.Tensor) -> torch.Tensor:
         """Effective logits p_old + h W_p of the predict_record pass; the predictor term carries
@@ -166,58 +308,48 @@ class PR2Router(TopKRouter):
     ):
         """TopKRouter.routing with the top-k (and capacity drops) optionally forced.
 
-        Mirrors TopKRouter.routing step for step, so with target=None it equals the stock router
-        and with a target it equals Megatron's own routing replay bit for bit. It differs in one
-        place: under a capacity factor, recorded drops (`dropped` [T, k]) are re-applied instead
-        of re-deciding them from live probabilities.
+        With target=None this is the stock router; with a target it is Megatron's own routing
+        replay: TopKRouter.routing runs with a replay hook that returns `target` [T, k] and the
+        scores gathered at it. Under a capacity factor, recorded drops (`dropped` [T, k]) are
+        re-applied instead of re-deciding them from live probabilities.
 
         Returns probs [T, E], routing_map [T, E], top_indices [T, k] and the drop mask [T, k]
         (None without a capacity factor).
         """
+        if dropped is not None:
+            return self._routing_with_recorded_drops(logits, padding_mask, target, dropped)
+        override = _TopKOverride(target)
+        stock_replay, self.router_replay = self.router_replay, override
+        try:
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        finally:
+            self.router_replay = stock_replay
+        top_indices = override.top_indices
+        if self.config.moe_expert_capacity_factor is not None:
+            # With or without pad-to-capacity, a routed slot survives iff routing_map keeps it.
+            dropped = ~routing_map.gather(1, top_indices)
+        return probs, routing_map, top_indices, dropped
+
+    def _routing_with_recorded_drops(self, logits, padding_mask, target, dropped):
+        """TopKRouter.routing with its token-dropping step replaced by the recorded drops (the
+        one step Megatron's replay hook cannot force); every other step is Megatron's."""
         seq_length, bsz = logits.shape[:2]
         logits = logits.view(-1, self.config.num_moe_experts)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-
-        probs, routing_map, top_indices = self.topk_routing(logits, target)
-
-        if self.config.moe_expert_capacity_factor is not None:
-            if dropped is None:
-                probs, routing_map = apply_router_token_dropping(
-                    probs,
-                    routing_map,
-                    router_topk=self.topk,
-                    capacity_factor=self.config.moe_expert_capacity_factor,
-                    drop_policy=self.config.moe_token_drop_policy,
-                    pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
-                )
-                # With or without pad-to-capacity, a routed slot survives iff routing_map keeps it.
-                dropped = ~routing_map.gather(1, top_indices)
-            else:
-                probs, routing_map = self._apply_recorded_drops(probs, top_indices, dropped)
-
+        probs, _, top_indices = self.topk_routing(logits, target)
+        probs, routing_map = self._apply_recorded_drops(probs, top_indices, dropped)
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             # The aux losses balance the LIVE router: they use its own top-k, as in Megatron.
             routing_map_for_aux_loss, scores_for_aux_loss = compute_routing_scores_for_aux_loss(
                 logits, self.topk, self.score_function, fused=False, padding_mask=padding_mask
             )
-            with_padding_mask = padding_mask is not None
-            probs = self._apply_aux_loss(
-                probs, scores_for_aux_loss, routing_map_for_aux_loss, with_padding_mask
-            )
-            probs = self._apply_seq_aux_loss(
-                probs,
-                scores_for_aux_loss,
-                routing_map_for_aux_loss,
-                seq_length,
-                bsz,
-                with_padding_mask=with_padding_mask,
-            )
-            probs = self._apply_global_aux_loss(
-                probs, scores_for_aux_loss, routing_map_for_aux_loss, with_padding_mask
-            )
-
+            masked = padding_mask is not None
+            aux = (scores_for_aux_loss, routing_map_for_aux_loss)
+            probs = self._apply_aux_loss(probs, *aux, with_padding_mask=masked)
+            probs = self._apply_seq_aux_loss(probs, *aux, seq_length, bsz, with_padding_mask=masked)
+            probs = self._apply_global_aux_loss(probs, *aux, with_padding_mask=masked)
         # Expert-bias counters count the tokens the experts actually receive, i.e. the replayed
         # (and post-drop) routing_map: aux-loss-free balancing reacts to the real load.
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
@@ -263,12 +395,3 @@ class PR2Router(TopKRouter):
             need = (capacity - kept.sum(dim=0)).clamp(min=0)
             routing_map = kept | (free & (rank_among_free <= need))
         return probs * kept, routing_map
-
-    def attach_predictor_loss(self, probs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Add `loss` to the backward pass through probs, as Megatron attaches its aux losses."""
-        return MoEAuxLossAutoScaler.apply(probs, loss * self.pr2_config.loss_coeff)
-
-    def attach_zero_predictor_grad(self, probs: torch.Tensor) -> torch.Tensor:
-        """Give the predictor an exact-zero gradient, so its grad buckets fill on every step."""
-        zero = sum(p.sum() for p in self.predictor.parameters()) * 0.0
-        return MoEAuxLossAutoScaler.apply(probs, zero)

@@ -167,7 +167,7 @@ class RouteCapture:
 
     def __init__(self, model: Any) -> None:
         from megatron_pr2 import pr2_routers
-        from megatron_pr2.context import _in_backward
+        from megatron_pr2.session import _in_backward
 
         self.calls: Dict[int, List[Tuple[bool, torch.Tensor]]] = {}
         self._handles = []
@@ -283,7 +283,7 @@ def pr2_block_spec(config: Any, vp_stage: Optional[int] = None, **pr2_kwargs: An
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.sharding import moe_layer_ids
+    from megatron_pr2.parallel import moe_layer_ids
 
     pp_rank = ps.get_pipeline_model_parallel_rank()
     spec = get_gpt_decoder_block_spec(

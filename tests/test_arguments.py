@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from megatron_pr2.arguments import (
-    PR2_MODES,
+    STRATEGIES,
     add_pr2_args,
     dest_of,
     flag_of,
@@ -99,7 +99,7 @@ def test_one_flag_per_field_with_docs_and_defaults():
         assert flag_of(f.name) in action.option_strings
         assert action.default == f.default
         assert docs[f.name] and action.help.startswith(docs[f.name].replace("%", "%%"))
-    assert actions["pr2_mode"].choices == PR2_MODES and actions["pr2_mode"].default == "none"
+    assert actions["pr2_mode"].choices == STRATEGIES and actions["pr2_mode"].default == "none"
     # Defaults give the default config; the help renders (argparse %-formats it).
     assert pr2_config_from_args(parser.parse_args([])) == PR2Config()
     help_text = parser.format_help()

@@ -194,7 +194,7 @@ def _rank_main():
     from megatron.core.transformer.moe import token_dispatcher as td_module
 
     from megatron_pr2 import routing
-    from megatron_pr2.sharding import layout_for_rank
+    from megatron_pr2.parallel import layout_for_rank
 
     results = {}
     for name, sizes in LAYOUTS.items():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pr2.routes import RouteBatch
 from megatron_pr2.engines import routes_from_engine, routes_to_engine
+from megatron_pr2.routes import RouteBatch
 
 
 def engine_routes(lengths, L, k, E, seed, np_dtype=np.int32):

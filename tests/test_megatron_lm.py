@@ -511,7 +511,7 @@ def _megatron_training_main():
     writer = _AnyWriter()
     global_vars._GLOBAL_TENSORBOARD_WRITER = writer
     # Megatron-LM's training_log needs CUDA: wrap a stand-in with its exact signature instead.
-    stock = {name: getattr(training, name) for name in m._HOOKED_NAMES}
+    stock = {name: getattr(training, name) for name in m.hooks._HOOKED_NAMES}
     log_calls = []
 
     def training_log(*a, **k):

@@ -99,7 +99,7 @@ def _reference():
 def _layer_ids(config, vpp):
     from megatron.core import parallel_state as ps
 
-    from megatron_pr2.sharding import moe_layer_ids
+    from megatron_pr2.parallel import moe_layer_ids
 
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     if vpp is None:
@@ -124,7 +124,7 @@ def _run_layout(name, ref, sources):
     )
 
     from megatron_pr2 import routing
-    from megatron_pr2.sharding import gather_routes, layout_for_rank, scatter_routes
+    from megatron_pr2.parallel import gather_routes, layout_for_rank, scatter_routes
 
     sizes, extra, source = GPT_LAYOUTS[name]
     data = _data()
@@ -338,8 +338,8 @@ def _run_corrupted(name):
     from par_util import build_pr2_gpt, run_schedule
 
     from megatron_pr2 import RouteBatch, routing
+    from megatron_pr2.parallel import layout_for_rank, scatter_routes, shard_routes
     from megatron_pr2.routes import TokenLayout
-    from megatron_pr2.sharding import layout_for_rank, scatter_routes, shard_routes
 
     _, sizes, path, kind, agree_on_entry = CORRUPTIONS[name]
     with init_megatron_parallel(**{k: v for k, v in sizes.items() if k != "dp"}):

@@ -173,7 +173,7 @@ def _rank_moe_layouts():
     )
 
     from megatron_pr2 import routing
-    from megatron_pr2.sharding import gather_routes, layout_for_rank, scatter_routes
+    from megatron_pr2.parallel import gather_routes, layout_for_rank, scatter_routes
 
     with init_megatron_parallel():
         reference = {thd: _reference(thd) for thd in (False, True)}

@@ -106,7 +106,7 @@ def _parallel_training(ref, cache_tokens):
     )
 
     from megatron_pr2 import routing
-    from megatron_pr2.sharding import gather_routes, layout_for_rank
+    from megatron_pr2.parallel import gather_routes, layout_for_rank
 
     out = dict(steps=[])
     with init_megatron_parallel(tp=2):
@@ -198,7 +198,7 @@ def _tp_rollout_routes(ref_routes):
     from par_util import build_pr2_gpt, load_full, run_schedule
 
     from megatron_pr2 import routing
-    from megatron_pr2.sharding import gather_routes
+    from megatron_pr2.parallel import gather_routes
 
     with init_megatron_parallel(tp=2):
         config = tiny_gpt_config(sequence_parallel=False)

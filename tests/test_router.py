@@ -528,7 +528,7 @@ def test_telemetry_stride_samples_every_sequence(pg):
     """telemetry_stride=4 estimates the replay accuracy from a quarter of the rows; with a
     micro-batch of 4 a plain every-4th-row stride would see sequence 0 only (rows s * B + b)."""
     from megatron_pr2 import RouteBatch, routing
-    from megatron_pr2.context import telemetry_rows
+    from megatron_pr2.telemetry import telemetry_rows
 
     config = make_moe_config(hidden_size=32, num_moe_experts=8, moe_router_topk=2)
     seq, batch = 64, 4

@@ -11,14 +11,8 @@ import pytest
 import torch
 from harness import run_distributed
 
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
-from megatron_pr2.sharding import (
-    _decode,
-    _encode,
-    assemble_routes,
+from megatron_pr2.parallel import (
     check_shard,
-    decode_token_index,
-    encode_token_index,
     gather_routes,
     global_moe_layer_id,
     layout_for_rank,
@@ -27,6 +21,14 @@ from megatron_pr2.sharding import (
     shard_routes,
     thd_partitioned_indices,
 )
+from megatron_pr2.parallel.codec import (
+    decode_shard,
+    decode_token_index,
+    encode_shard,
+    encode_token_index,
+)
+from megatron_pr2.parallel.exchange import assemble_routes
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 
 
 @pytest.fixture(scope="module")
@@ -442,7 +444,7 @@ def test_shard_then_reassemble_identity(seed) -> None:
                     set(routes.cache.token_index.tolist()) & set(layout.token_index.tolist())
                 )
                 # through the wire format, as gather_routes sends it
-                payload = _encode(
+                payload = encode_shard(
                     local.indices,
                     E,
                     local.dropped,
@@ -452,7 +454,7 @@ def test_shard_then_reassemble_identity(seed) -> None:
                     token_index=local.token_index,
                     layer_index=local.layer_index,
                 )
-                shards.append(_decode(payload))
+                shards.append(decode_shard(payload))
     rng.shuffle(shards)
     assert_same_routes(assemble_routes(shards), routes)
 
@@ -515,8 +517,8 @@ def test_assemble_detects_disagreement_and_gaps() -> None:
     a = shard_routes(routes, layout, torch.tensor([0, 1]))
 
     def decoded(r):
-        return _decode(
-            _encode(
+        return decode_shard(
+            encode_shard(
                 r.indices,
                 8,
                 r.dropped,

@@ -19,9 +19,10 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-# Both modules import no megatron-core (apply_cpu_patches must run first on CPU).
-from megatron_pr2.arguments import PR2_MODES as MODES
 from megatron_pr2.config import PREDICTOR_KINDS as PREDICTORS
+
+# Both modules import no megatron-core (apply_cpu_patches must run first on CPU).
+from megatron_pr2.phases import STRATEGIES as MODES
 
 
 @dataclasses.dataclass

@@ -29,10 +29,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
-from megatron_pr2.arguments import PR2_MODES as MODES
 from megatron_pr2.compat import clear_aux_losses_tracker
-from megatron_pr2.context import pr2_routers, topk_overlap
+from megatron_pr2.model_index import pr2_routers
 from megatron_pr2.optim import is_predictor_param
+from megatron_pr2.phases import STRATEGIES as MODES
+from megatron_pr2.phases import strategy_modes
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
 from megatron_pr2.rl.metrics import MetricsWriter, StepMetrics
 from megatron_pr2.rl.model import (
@@ -49,15 +50,7 @@ from megatron_pr2.rl.sft import prompt_tokens
 from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
 from megatron_pr2.rl.task import ArithmeticTask, exact_match
 from megatron_pr2.rl.tokenizer import TaskTokenizer
-
-# routing() mode of (engine scoring pass, trainer old-policy pass, training mini-steps).
-_MODE_PLAN = {
-    "none": ("record", "record", "record"),
-    "r2": ("record", "record", "replay"),
-    "pr2": ("record", "predict_record", "replay"),
-    "r3": ("record", "replay", "replay"),
-    "pr2-r3": ("predict_record", "replay", "replay"),
-}
+from megatron_pr2.telemetry import topk_overlap
 
 
 @dataclasses.dataclass
@@ -208,7 +201,10 @@ class RLTrainer:
         """Run one rollout batch and its N mini-steps; returns the step's global metrics."""
         cfg, tok = self.cfg, self.tokenizer
         step, dp_rank = self.step_index, _dp_rank()
-        engine_mode, old_mode, train_mode = _MODE_PLAN[cfg.mode]
+        # routing() modes of (engine scoring pass, trainer old-policy pass, training mini-steps):
+        # the measuring variant records wherever a strategy routes with the stock router, so
+        # drift and training-inference mismatch are measured in every mode.
+        engine_mode, old_mode, train_mode = strategy_modes(cfg.mode, measure=True)
         metrics = StepMetrics()
         clear_aux_losses_tracker()
         t_start = time.time()

@@ -1,7 +1,7 @@
-# Small collective helpers shared by route validation (context.py) and route sharding
-# (sharding.py): the device a process group communicates on, and "raise on every rank if any
-# rank failed", which turns one rank's bad input into an error everywhere instead of a hang in
-# the next collective its peers enter.
+# Small collective helpers shared by route validation (session.py, routing.py) and route
+# exchange (parallel/exchange.py): the device a process group communicates on, and "raise on every
+# rank if any rank failed", which turns one rank's bad input into an error everywhere instead of a
+# hang in the next collective its peers enter.
 
 from typing import Any, Optional
 

@@ -1,0 +1,441 @@
+# RoutingSession: the state of one routing() context: which microbatch each router call
+# belongs to, the routes it replays (decoded and validated once per microbatch), and what it
+# recorded. It answers the routers' questions (`ask`) and stores their records (`save`); it
+# never routes and never calls back into a router.
+#
+# Shapes: T_local router rows of one microbatch on this rank (flattened [s, b], sequence-major),
+# k top-k, E experts, H hidden; C cached tokens; L_local MoE layers of this rank.
+#
+# Routes are bound to microbatches, never to a global FIFO: the n-th forward of a router inside a
+# context is microbatch n, and the n-th activation recompute of that router (a forward that runs
+# inside autograd's backward: Megatron's full and selective recompute) is again microbatch n.
+# This holds for every Megatron-Core schedule (no pipelining, 1F1B, interleaved), which run the
+# backward passes of one model chunk in forward order.
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_pr2.config import PR2Config, stride_for
+from megatron_pr2.model_index import router_layout
+from megatron_pr2.parallel.collectives import raise_on_any_rank
+from megatron_pr2.parallel.layers import moe_layer_pattern
+from megatron_pr2.router import PR2Router, Recorded, RouteAnswer
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
+
+MODES = ("off", "record", "predict_record", "replay")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. for activation recompute forwards."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def cache_rows(layout: TokenLayout, cache_tokens_per_sequence: int) -> torch.Tensor:
+    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence."""
+    stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
+    if stride is None:
+        return torch.zeros(0, dtype=torch.int64)
+    position = layout.token_index % layout.seq_length
+    return torch.nonzero(position % stride == 0).squeeze(1)
+
+
+@dataclass
+class _LocalRoutes:
+    """One microbatch's routes decoded for this rank's router rows (shared by its routers)."""
+
+    indices: torch.Tensor  # [T_local, L, k]
+    dropped: Optional[torch.Tensor]  # [T_local, L, k]
+    columns: Dict[int, int]  # global MoE-layer id -> column
+    cache_rows: Optional[torch.Tensor] = None  # [C_local] router rows of cached tokens
+    cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
+    cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
+    has_missing: bool = False  # some (token, layer) has no route (fallback policy only)
+    cache_share: Optional[float] = None  # C_local / C of the microbatch (token-sharding ranks)
+
+    def to(self, device: torch.device) -> "_LocalRoutes":
+        """Move every tensor to `device` once per microbatch (not once per layer)."""
+        for name in ("indices", "dropped", "cache_rows", "cache_hidden", "cache_logits"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device, non_blocking=True))
+        return self
+
+
+@dataclass
+class _RouterState:
+    forward_calls: int = 0
+    recompute_calls: int = 0
+    recorded: List[Recorded] = field(default_factory=list)
+    stats: LayerStats = field(default_factory=LayerStats)
+
+
+class RoutingSession:
+    """State of one `routing()` context, shared by all PR2 routers of the model."""
+
+    def __init__(
+        self,
+        mode: str,
+        routers: List[PR2Router],
+        routes: Optional[List[RouteBatch]],
+        ministep: int,
+        layout: Optional[TokenLayout],
+    ) -> None:
+        self.mode = mode
+        self.routers = routers
+        self.routes = routes
+        self.ministep = ministep
+        self.layout = layout
+        self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
+        self._layouts: Dict[int, TokenLayout] = {}
+        # predict_record: the cached router rows of each microbatch, on the hidden states'
+        # device, computed once for all layers (a CPU index would be copied per layer).
+        self._cache_rows: Dict[int, torch.Tensor] = {}
+        self._local: Dict[int, _LocalRoutes] = {}
+
+    # -- per-microbatch views ------------------------------------------------------------------
+    def _splits_tokens(self) -> bool:
+        # Ranks of one microbatch route different tokens: context parallelism, or tensor
+        # parallelism with sequence parallelism (TP peers without it route the same tokens).
+        router = self.routers[0]
+        tp_split = router.config.sequence_parallel and router.tp_group.size() > 1
+        return tp_split or router.cp_group.size() > 1
+
+    def _group_layout(self, microbatch: int, batch: RouteBatch) -> TokenLayout:
+        """This rank's tokens of full (canonical) routes, from the routers' process groups."""
+        if batch.seq_length is None:
+            raise ValueError(
+                f"microbatch {microbatch}: full routes replayed under sequence or context "
+                "parallelism need RouteBatch.seq_length (to cut this rank's tokens), or pass "
+                "routing(layout=megatron_pr2.local_layout(model, ...))"
+            )
+        batch_size = batch.num_tokens // batch.seq_length
+        return router_layout(self.routers[0], batch_size, batch.seq_length)
+
+    def entry_layout(self, microbatch: int) -> TokenLayout:
+        """The tokens this rank routes in a replayed microbatch, known before its forward:
+        routing(layout=), else a sharded RouteBatch's own token_index, else this rank's share of
+        a full RouteBatch (all of its tokens unless SP / CP split them; in canonical order: the
+        row order of unsplit full routes comes from the forward's input shape, see _layout_for;
+        validation and token counts do not depend on it)."""
+        if self.layout is not None:
+            return self.layout
+        batch = self.routes[microbatch]
+        if batch.token_index is not None:
+            return TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length)
+        if self._splits_tokens():
+            return self._group_layout(microbatch, batch)
+        return TokenLayout(
+            torch.arange(batch.num_tokens), batch.num_tokens, batch.seq_length or batch.num_tokens
+        )
+
+    def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
+        layout = self._layouts.get(microbatch)
+        if layout is None:
+            rows = hidden.shape[0] * hidden.shape[1]
+            replayed = self.routes is not None
+            if self.layout is not None or (
+                replayed
+                and (self._splits_tokens() or self.routes[microbatch].token_index is not None)
+            ):
+                layout = self.entry_layout(microbatch)
+            elif self._splits_tokens():
+                # Recording under SP / CP: the full sequence is this rank's share times the split.
+                router = self.routers[0]
+                tp = router.tp_group.size() if router.config.sequence_parallel else 1
+                seq_length = hidden.shape[0] * tp * router.cp_group.size()
+                layout = router_layout(router, hidden.shape[1], seq_length)
+            else:
+                layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
+            if layout.token_index.numel() != rows:
+                raise ValueError(
+                    f"microbatch {microbatch}: the router sees {rows} tokens "
+                    f"(input {tuple(hidden.shape[:2])}) but the route layout has "
+                    f"{layout.token_index.numel()}"
+                )
+            self._layouts[microbatch] = layout
+        return layout
+
+    def decode(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
+    ) -> _LocalRoutes:
+        """Decode and validate one microbatch's routes for this rank's router rows; with_cache
+        False skips the predictor cache (for callers that only count or validate routes)."""
+        batch = self.routes[microbatch]
+        if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
+            raise ValueError(
+                f"microbatch {microbatch}: route has k={batch.topk}, num_experts="
+                f"{batch.num_experts}; the model routes top-{router.topk} of "
+                f"{router.config.num_moe_experts}"
+            )
+        if batch.token_index is None and batch.num_tokens != layout.num_tokens:
+            raise ValueError(
+                f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
+                f"has {layout.num_tokens}"
+            )
+        rows = batch.rows_for(layout.token_index)
+        layer_ids = batch.layer_index
+        if layer_ids is None:
+            layer_ids = torch.arange(batch.num_layers)
+        expected = {r.moe_layer_id for r in self.routers}
+        absent = sorted(expected - set(layer_ids.tolist()))
+        if absent:
+            raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
+        dropped = batch.dropped
+        local = _LocalRoutes(
+            indices=batch.indices[rows],
+            dropped=None if dropped is None else dropped[rows],
+            columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
+        )
+        local.has_missing = _check_missing(batch, microbatch, router.pr2_config)
+        if batch.cache is not None and with_cache:
+            position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+            position[layout.token_index] = torch.arange(layout.token_index.numel())
+            cached_rows = position[batch.cache.token_index]
+            here = cached_rows >= 0
+            local.cache_rows = cached_rows[here]
+            local.cache_hidden, local.cache_logits = batch.cache.hidden, batch.cache.logits
+            if not bool(here.all()):  # boolean indexing copies: only when some rows are not here
+                local.cache_hidden, local.cache_logits = (
+                    local.cache_hidden[here],
+                    local.cache_logits[here],
+                )
+        return local
+
+    def _bind(self, router: PR2Router, microbatch: int, hidden: torch.Tensor) -> None:
+        """Decode microbatch routes once, and make every rank of the stage agree they are valid.
+
+        Runs at the first router call of a microbatch, a point every rank of the pipeline stage
+        reaches in the same order. A rank with a bad shard would otherwise raise alone and leave
+        its peers blocked in the dispatcher's collectives; one small all-reduce over the stage's
+        ranks (tp x dp x cp, which contains the expert-parallel group) makes all of them raise.
+        Tensor-parallel ranks without sequence parallelism route the same tokens, so their routes
+        must be identical: a digest comparison catches a mismatch before dispatch does.
+        """
+        error, local = None, None
+        try:
+            layout = self._layout_for(microbatch, hidden)
+            local = self.decode(microbatch, layout, router)
+        except ValueError as exc:
+            error = exc
+        tp_group = router.tp_group
+        if tp_group.size() > 1 and not router.config.sequence_parallel:
+            # Every TP rank joins (a failed decode with the sentinel digest -1; real digests are
+            # >= 0); a mismatch then goes through the stage-wide agreement below, so the DP / CP
+            # peers raise too instead of waiting in the dispatcher.
+            digest = _route_digest(local.indices) if local is not None else torch.tensor(-1)
+            extremes = torch.stack([digest, -digest]).to(hidden.device)
+            torch.distributed.all_reduce(
+                extremes, op=torch.distributed.ReduceOp.MAX, group=tp_group
+            )
+            if error is None and int(extremes[0]) != -int(extremes[1]):
+                error = ValueError(
+                    f"microbatch {microbatch}: tensor-parallel ranks hold different routes; "
+                    "without sequence parallelism they route the same tokens and must replay "
+                    "identical routes"
+                )
+        raise_on_any_rank(
+            error,
+            router.tp_dp_cp_group,
+            f"microbatch {microbatch}: another rank of this pipeline stage rejected its routes "
+            "(see that rank's error)",
+            device=hidden.device,
+        )
+        if local.cache_rows is not None:
+            mine = float(local.cache_rows.numel())
+            count = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
+            # Ranks holding different tokens of this microbatch: TP x CP under sequence
+            # parallelism, CP alone otherwise (TP peers then route the same tokens).
+            shards = router.tp_cp_group if router.config.sequence_parallel else router.cp_group
+            if torch.distributed.is_initialized() and shards.size() > 1:
+                torch.distributed.all_reduce(count, group=shards)
+            local.cache_share = mine / float(count) if float(count) > 0 else 0.0
+        self._local[microbatch] = local.to(hidden.device)
+
+    def agree_on_entry(self, group) -> None:
+        """Validate every microbatch's routes before any forward and raise on every rank of
+        `group` (e.g. the pipeline group, or all ranks of the step) if any rank's are invalid."""
+        error = None
+        try:
+            for microbatch in range(len(self.routes)):
+                # Full routes: the token count is checked at the first forward.
+                self.decode(
+                    microbatch, self.entry_layout(microbatch), self.routers[0], with_cache=False
+                )
+        except ValueError as exc:
+            error = exc
+        raise_on_any_rank(
+            error,
+            group,
+            "routing(replay): another rank of the group rejected its routes (see that rank's "
+            "error)",
+        )
+
+    def current_microbatch(self, router: PR2Router) -> Optional[int]:
+        """The microbatch `router` routed last in this context (its forward, or inside autograd's
+        backward its recompute), None before its first call: what a hook running after the
+        router in the same layer (the token dispatcher) belongs to."""
+        state = self.states[id(router)]
+        calls = state.recompute_calls if _in_backward() else state.forward_calls
+        return calls - 1 if calls else None
+
+    # -- the routers' questions --------------------------------------------------------------
+    def ask(self, router: PR2Router, hidden: torch.Tensor) -> RouteAnswer:
+        """What `router` does with its current call (router input `hidden` [S_local, B, H])."""
+        state = self.states[id(router)]
+        recompute = _in_backward()
+        if recompute:
+            microbatch = state.recompute_calls
+            state.recompute_calls += 1
+            if microbatch >= state.forward_calls:
+                raise RuntimeError(
+                    f"MoE layer {router.moe_layer_id}: activation recompute of microbatch "
+                    f"{microbatch}, which never ran forward in this routing() context"
+                )
+        else:
+            microbatch = state.forward_calls
+            state.forward_calls += 1
+        answer = RouteAnswer(microbatch, recompute, state.stats)
+        if self.mode != "replay":
+            layout = self._layout_for(microbatch, hidden)
+            if recompute:
+                done = state.recorded[microbatch]
+                answer.target, answer.dropped = done.top_indices, done.dropped
+            elif self.mode == "predict_record":
+                answer.cache_rows = self._record_cache_rows(microbatch, layout, router, hidden)
+            return answer
+
+        if microbatch >= len(self.routes):
+            raise RuntimeError(
+                f"MoE layer {router.moe_layer_id}: forward of microbatch {microbatch} but "
+                f"routing(..., 'replay') was given routes for {len(self.routes)} microbatches"
+            )
+        if microbatch not in self._local:
+            self._bind(router, microbatch, hidden)
+        local = self._local[microbatch]
+        column = local.columns[router.moe_layer_id]
+        config = router.pr2_config
+        answer.target = local.indices[:, column]
+        answer.dropped = None if local.dropped is None else local.dropped[:, column]
+        answer.fill_missing = local.has_missing
+        answer.telemetry = config.telemetry and not recompute
+        if local.cache_rows is not None and local.cache_rows.numel() > 0:
+            answer.cache_rows = local.cache_rows
+            answer.cache_hidden = local.cache_hidden[:, column]
+            answer.cache_logits = local.cache_logits[:, column]
+            answer.cache_share = local.cache_share
+            answer.train_predictor = (
+                self.ministep >= config.loss_start_ministep and router.predictor_trainable
+            )
+        return answer
+
+    def save(self, router: PR2Router, record: Recorded) -> None:
+        """Keep what `router` recorded for its latest forward (microbatch order)."""
+        self.states[id(router)].recorded.append(record)
+
+    def _record_cache_rows(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        # The cached router rows of a microbatch, on the hidden states' device, computed once
+        # for all layers (a CPU index would be copied per layer). One cache density per model:
+        # recorded_routes uses the first router's too.
+        rows = self._cache_rows.get(microbatch)
+        if rows is None:
+            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
+            rows = self._cache_rows[microbatch] = rows.to(hidden.device)
+        return rows
+
+    # -- results -------------------------------------------------------------------------------
+    def layer_ids(self) -> List[int]:
+        return sorted(r.moe_layer_id for r in self.routers)
+
+    def close(self) -> None:
+        """Check that every route was consumed exactly once per router."""
+        if self.mode != "replay":
+            counts = {self.states[id(r)].forward_calls for r in self.routers}
+            if len(counts) > 1:
+                raise RuntimeError(f"routers recorded different numbers of microbatches: {counts}")
+            return
+        for router in self.routers:
+            calls = self.states[id(router)].forward_calls
+            if calls != len(self.routes):
+                raise RuntimeError(
+                    f"MoE layer {router.moe_layer_id} ran {calls} forward passes but "
+                    f"{len(self.routes)} microbatch routes were given: "
+                    f"{len(self.routes) - calls} left unconsumed"
+                )
+
+    def recorded_routes(self) -> List[RouteBatch]:
+        """One RouteBatch per recorded microbatch (canonical order when this rank saw it all)."""
+        routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
+        layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+        config = routers[0].config
+        all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
+        out = []
+        for microbatch in range(self.states[id(routers[0])].forward_calls):
+            records = [self.states[id(r)].recorded[microbatch] for r in routers]
+            layout = self._layouts[microbatch]
+            indices = torch.stack([rec.top_indices for rec in records], dim=1).cpu()
+            dropped = None
+            if records[0].dropped is not None:
+                dropped = torch.stack([rec.dropped for rec in records], dim=1).cpu()
+            cache = None
+            if records[0].hidden is not None:
+                rows = cache_rows(layout, routers[0].pr2_config.cache_tokens_per_sequence)
+                cache = PredictorCache(
+                    token_index=layout.token_index[rows],
+                    hidden=torch.stack([rec.hidden for rec in records], dim=1).cpu(),
+                    logits=torch.stack([rec.logits for rec in records], dim=1).cpu(),
+                )
+            token_index = layout.token_index
+            if layout.is_full():
+                # This rank saw every token: store rows in canonical order.
+                order = torch.argsort(token_index)
+                indices = indices[order]
+                dropped = None if dropped is None else dropped[order]
+                token_index = None
+            out.append(
+                RouteBatch(
+                    indices,
+                    config.num_moe_experts,
+                    dropped=dropped,
+                    token_index=token_index,
+                    layer_index=None if all_layers else layer_ids,
+                    num_tokens=layout.num_tokens,
+                    seq_length=layout.seq_length,
+                    cache=cache,
+                )
+            )
+        return out
+
+    def metrics(self) -> Dict[str, torch.Tensor]:
+        """Per-layer means over the replayed tokens: name -> [L_local] (NaN where not measured)."""
+        routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
+        out = {}
+        for name in METRIC_NAMES:
+            values = [self.states[id(router)].stats.mean(name) for router in routers]
+            out[name] = torch.tensor(values, dtype=torch.float64)
+        return out
+
+
+def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
+    """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
+    missing = batch.missing
+    if missing is None:
+        return False
+    if config.missing_route_policy == "error":
+        row, column = (int(v) for v in torch.nonzero(missing)[0])
+        raise ValueError(
+            f"microbatch {microbatch}: {int(missing.sum())} (token, layer) pairs have no route, "
+            f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
+        )
+    return True
+
+
+def _route_digest(indices: torch.Tensor) -> torch.Tensor:
+    """Position-sensitive int64 checksum of a route tensor (to compare ranks cheaply)."""
+    flat = indices.reshape(-1).to(torch.int64) + 2
+    weights = torch.arange(flat.numel(), dtype=torch.int64) % 65521 + 1
+    return (flat * weights).sum()
