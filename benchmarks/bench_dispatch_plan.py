@@ -39,13 +39,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `megatro
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (
-    PLAIN_CONFIG_FIELDS,
     Stats,
     Timer,
     free_port,
     paired_ratio,
     run_interleaved,
 )
+from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS  # noqa: E402
 
 VARIANTS = ("off", "plan")
 

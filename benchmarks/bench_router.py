@@ -43,13 +43,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `megatro
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (
-    PLAIN_CONFIG_FIELDS,
     Stats,
     Timer,
     init_single_process,
     paired_ratio,
     run_interleaved,
 )
+from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS  # noqa: E402
 
 
 @dataclass(frozen=True)

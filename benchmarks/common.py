@@ -21,21 +21,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# TransformerConfig fields every benchmark shares: no biases, no dropout, and the fusions that
-# need Apex / Transformer Engine / CUDA off, so CPU and GPU runs time the same unfused ops.
-PLAIN_CONFIG_FIELDS = dict(
-    add_bias_linear=False,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    gradient_accumulation_fusion=False,
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    persist_layer_norm=False,
-    apply_rope_fusion=False,
-)
-
-
 def init_single_process(device: str, seed: int = 1234) -> None:
     """World of one rank in this process + Megatron parallel state with every size 1.
 

@@ -59,7 +59,6 @@ clear_aux_losses_tracker: Callable = moe_utils.clear_aux_losses_tracker
 # get_moe_layer_wise_logging_tracker returns a copy of the dict).
 # ---------------------------------------------------------------------------------------------
 reduce_aux_losses_tracker_across_ranks: Callable = moe_utils.reduce_aux_losses_tracker_across_ranks
-track_moe_metrics: Callable = moe_utils.track_moe_metrics
 
 
 def _live_moe_metrics() -> dict:

@@ -46,7 +46,24 @@ from megatron_pr2.cpu_replacements import (
 )
 from megatron_pr2.cpu_torch import _CpuTorch
 
-__all__ = ["apply_cpu_patches", "cpu_patches_applied"]
+__all__ = ["PLAIN_CONFIG_FIELDS", "apply_cpu_patches", "cpu_patches_applied"]
+
+PLAIN_CONFIG_FIELDS = dict(
+    add_bias_linear=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    gradient_accumulation_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    apply_rope_fusion=False,
+)
+"""TransformerConfig fields shared by the tests, the benchmarks and the RL demo: no linear biases
+(as in current LLMs; it also avoids an in-place bias add on a custom-Function view in
+SequentialMLP experts that autograd rejects at TP = 1), no dropout (deterministic parity), and
+the fusions that need Apex / Transformer Engine / CUDA off, so CPU and GPU runs use the same
+unfused ops."""
 
 _APPLIED = False
 # (owner object, attribute name, original value) of every patch, in application order.

@@ -125,7 +125,6 @@ class RouteBatch:
             raise ValueError(f"RouteBatch num_experts={num_experts} must be >= 1")
         self.shape = tuple(indices.shape)
         self.num_experts = int(num_experts)
-        self.device = indices.device
         missing = indices < 0
         if indices.numel() and (int(indices.max()) >= num_experts):
             raise ValueError(

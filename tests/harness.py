@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS
+
 # Substrings of exceptions raised when CUDA-only Megatron code runs on a CPU-only build.
 _CUDA_ONLY_MARKERS = (
     "Torch not compiled with CUDA enabled",
@@ -289,18 +291,10 @@ def make_moe_config(**overrides: Any) -> Any:
         moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         params_dtype=torch.float32,
         bf16=False,
         fp16=False,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **PLAIN_CONFIG_FIELDS,
     )
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()

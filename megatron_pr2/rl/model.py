@@ -22,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_pr2.compat import reset_moe_metrics
+from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS
 
 
 @dataclasses.dataclass
@@ -137,20 +138,11 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> Transform
         moe_router_load_balancing_type="aux_loss" if cfg.aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=cfg.aux_loss_coeff,
         moe_grouped_gemm=False,
-        # No linear biases (as in current LLMs); also avoids an in-place bias add on a
-        # custom-Function view in SequentialMLP experts that autograd rejects at TP = 1.
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        **PLAIN_CONFIG_FIELDS,
         params_dtype=params_dtype,
         bf16=bf16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
     )
 
