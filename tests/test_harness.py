@@ -45,7 +45,7 @@ def _manager_then_hang() -> None:
     manager.Queue().put(1)
     if torch.distributed.get_rank() == 1:
         raise ValueError("deliberate failure on rank 1")
-    torch.distributed.barrier()  # rank 0 blocks until the harness kills it
+    time.sleep(3600)  # rank 0 hangs (outside any collective) until the harness kills it
 
 
 def test_killed_rank_takes_its_helper_processes_along():
