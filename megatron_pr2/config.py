@@ -3,6 +3,8 @@
 # PR2 settings never go into Megatron-Core's TransformerConfig (MLA and other model families replace
 # that class); the router reads the MoE settings from TransformerConfig and these from PR2Config.
 
+import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -72,28 +74,34 @@ class PR2Config:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"PR2Config.{name}={getattr(self, name)!r}: {why}")
 
+        # Types first: a bool is an int to isinstance, so `loss_start_ministep=True` would
+        # otherwise pass as 1, and a float rank would be truncated far from the user's input.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, f.type):
+                raise bad(f.name, f"must be of type {_TYPE_NAMES[f.type]}")
         if self.predictor not in PREDICTOR_KINDS:
             raise bad("predictor", f"must be one of {PREDICTOR_KINDS}")
         if self.loss not in LOSS_KINDS:
             raise bad("loss", f"must be one of {LOSS_KINDS}")
         if self.missing_route_policy not in MISSING_ROUTE_POLICIES:
             raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
-        if not isinstance(self.predictor_rank, int) or self.predictor_rank < 1:
+        if self.predictor_rank < 1:
             raise bad("predictor_rank", "must be an integer >= 1")
+        for name in ("lookahead_scale", "loss_coeff", "alpha"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be finite")
         if not self.lookahead_scale > 0:
             raise bad("lookahead_scale", "must be > 0")
         if not self.alpha > 0:
             raise bad("alpha", "must be > 0")
         if not self.loss_coeff >= 0:
             raise bad("loss_coeff", "must be >= 0")
-        if (
-            not isinstance(self.cache_tokens_per_sequence, int)
-            or self.cache_tokens_per_sequence < -1
-        ):
+        if self.cache_tokens_per_sequence < -1:
             raise bad("cache_tokens_per_sequence", "must be an integer >= -1 (-1 = all tokens)")
-        if not isinstance(self.telemetry_stride, int) or self.telemetry_stride < 1:
+        if self.telemetry_stride < 1:
             raise bad("telemetry_stride", "must be an integer >= 1")
-        if not isinstance(self.loss_start_ministep, int) or self.loss_start_ministep < 1:
+        if self.loss_start_ministep < 1:
             raise bad("loss_start_ministep", "must be an integer >= 1")
 
     @classmethod
@@ -110,6 +118,23 @@ class PR2Config:
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
         return {f.name: docs.get(f.name, "") for f in fields(cls)}
+
+
+_TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "bool"}
+
+
+def _has_type(value: object, annotation: type) -> bool:
+    """Strict field type check: bool is not an int, an int is a valid float."""
+    if annotation is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if annotation is int:
+        return isinstance(value, numbers.Integral)
+    if annotation is float:
+        return isinstance(value, numbers.Real)
+    assert annotation is str, annotation
+    return isinstance(value, str)
 
 
 def stride_for(seq_length: int, cache_tokens_per_sequence: int) -> Optional[int]:

@@ -15,10 +15,46 @@
 # layer, e.g. 7 bytes for top-8 of 128 experts instead of 32 for int32.
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+
+MISSING = -1
+"""Expert id of every slot of a token without a route (the only negative id allowed)."""
+
+
+def _is_int(value: object) -> bool:
+    """True for Python / numpy integers; False for bool, float and tensors."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_ids(
+    name: str, ids: Optional[torch.Tensor], length: int, bound: Optional[int]
+) -> Optional[torch.Tensor]:
+    """Validate a token_index / layer_index: [length] integers, distinct, in [0, bound)."""
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"RouteBatch {name} must be an integer tensor, got {ids!r:.60}")
+    if tuple(ids.shape) != (length,):
+        raise ValueError(f"RouteBatch {name} shape {tuple(ids.shape)} != ({length},)")
+    ids = ids.to(torch.int64)
+    if not length:
+        return ids
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (bound is not None and high >= bound):
+        limit = f"[0, {bound})" if bound is not None else ">= 0"
+        raise ValueError(f"RouteBatch {name} holds ids in [{low}, {high}]; they must be {limit}")
+    ordered = ids.sort().values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.numel():
+        raise ValueError(
+            f"RouteBatch {name} lists id {int(repeated[0])} more than once (each row / column "
+            f"must hold a distinct one)"
+        )
+    return ids
 
 
 def bits_for(num_experts: int) -> int:
@@ -114,22 +150,32 @@ class RouteBatch:
         seq_length: Optional[int] = None,
         cache: Optional[PredictorCache] = None,
     ) -> None:
-        """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts))."""
+        """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts)).
+
+        Every argument is checked strictly, because a wrong type would not fail later: it would
+        pack silently into other bits (a float num_experts changes the id width, a `dropped`
+        value of 2 sets a neighbouring slot's bit, a duplicate token id lets the last row win).
+        """
         if indices.dim() != 3:
             raise ValueError(
                 f"RouteBatch indices must be [tokens, moe_layers, k], got {tuple(indices.shape)}"
             )
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise ValueError(f"RouteBatch indices must be an integer tensor, got {indices.dtype}")
-        if num_experts < 1:
-            raise ValueError(f"RouteBatch num_experts={num_experts} must be >= 1")
+        if not _is_int(num_experts) or num_experts < 1:
+            raise ValueError(f"RouteBatch num_experts={num_experts!r} must be an integer >= 1")
         self.shape = tuple(indices.shape)
         self.num_experts = int(num_experts)
-        missing = indices < 0
         if indices.numel() and (int(indices.max()) >= num_experts):
             raise ValueError(
                 f"RouteBatch expert id {int(indices.max())} out of range for num_experts={num_experts}"
             )
+        if indices.numel() and int(indices.min()) < MISSING:
+            raise ValueError(
+                f"RouteBatch expert id {int(indices.min())} is negative; only {MISSING} (in "
+                f"every slot of a token) marks a missing route"
+            )
+        missing = indices == MISSING
         ordered = indices.sort(dim=-1).values
         duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
         if bool(duplicate.any()):
@@ -146,24 +192,65 @@ class RouteBatch:
                 )
             self._missing = pack_bits(missing[..., 0], 1)
         self._packed = pack_bits(indices.clamp(min=0), bits_for(num_experts))
-        self._dropped = None if dropped is None else pack_bits(dropped, 1)
-        if dropped is not None and tuple(dropped.shape) != self.shape:
+        self._dropped = None
+        if dropped is not None:
+            if dropped.dtype != torch.bool:
+                raise ValueError(f"RouteBatch dropped must be a bool tensor, got {dropped.dtype}")
+            if tuple(dropped.shape) != self.shape:
+                raise ValueError(
+                    f"RouteBatch dropped shape {tuple(dropped.shape)} != indices {self.shape}"
+                )
+            self._dropped = pack_bits(dropped, 1)
+        if num_tokens is not None and (not _is_int(num_tokens) or num_tokens < self.shape[0]):
             raise ValueError(
-                f"RouteBatch dropped shape {tuple(dropped.shape)} != indices {self.shape}"
+                f"RouteBatch num_tokens={num_tokens!r} must be an integer >= its {self.shape[0]} "
+                f"rows"
             )
-        if token_index is not None and token_index.shape != (self.shape[0],):
-            raise ValueError(
-                f"RouteBatch token_index shape {tuple(token_index.shape)} != ({self.shape[0]},)"
-            )
-        if layer_index is not None and layer_index.shape != (self.shape[1],):
-            raise ValueError(
-                f"RouteBatch layer_index shape {tuple(layer_index.shape)} != ({self.shape[1]},)"
-            )
-        self.token_index = None if token_index is None else token_index.to(torch.int64)
-        self.layer_index = None if layer_index is None else layer_index.to(torch.int64)
         self.num_tokens = int(num_tokens) if num_tokens is not None else self.shape[0]
-        self.seq_length = seq_length
+        if token_index is None and self.num_tokens != self.shape[0]:
+            raise ValueError(
+                f"RouteBatch num_tokens={self.num_tokens} with {self.shape[0]} rows needs a "
+                f"token_index (canonical routes hold every token)"
+            )
+        self.token_index = _check_ids("token_index", token_index, self.shape[0], self.num_tokens)
+        self.layer_index = _check_ids("layer_index", layer_index, self.shape[1], None)
+        if seq_length is not None and (
+            not _is_int(seq_length) or seq_length < 1 or self.num_tokens % seq_length
+        ):
+            raise ValueError(
+                f"RouteBatch seq_length={seq_length!r} must be an integer >= 1 that divides "
+                f"num_tokens={self.num_tokens}"
+            )
+        self.seq_length = None if seq_length is None else int(seq_length)
         self.cache = cache
+
+    def check_tokens(self, seq_length: int, batch_size: int) -> None:
+        """Raise ValueError unless these routes were recorded for an input of `batch_size`
+        sequences of `seq_length` tokens (the same token count alone is not enough: routes of
+        [S=8, B=2] would replay other tokens' experts on [S=4, B=4])."""
+        if self.num_tokens != seq_length * batch_size or self.seq_length not in (None, seq_length):
+            recorded = f"seq_length={self.seq_length}" if self.seq_length else "seq_length unknown"
+            raise ValueError(
+                f"RouteBatch was recorded for {self.num_tokens} tokens ({recorded}); the input "
+                f"has seq_length={seq_length} x batch_size={batch_size} = "
+                f"{seq_length * batch_size} tokens"
+            )
+
+    def check_layers(self, num_moe_layers: int) -> None:
+        """Raise ValueError unless the layer columns fit a model with `num_moe_layers` MoE
+        layers: canonical routes hold exactly one column per MoE layer, a layer shard only
+        ids below num_moe_layers."""
+        if self.layer_index is None:
+            if self.num_layers != num_moe_layers:
+                raise ValueError(
+                    f"RouteBatch holds {self.num_layers} MoE-layer columns; the model has "
+                    f"{num_moe_layers} MoE layers"
+                )
+        elif self.num_layers and int(self.layer_index.max()) >= num_moe_layers:
+            raise ValueError(
+                f"RouteBatch layer_index {self.layer_index.tolist()} names MoE layers the model "
+                f"does not have (it has {num_moe_layers})"
+            )
 
     # -- decoded views ---------------------------------------------------------------------
     @property
@@ -223,6 +310,11 @@ class RouteBatch:
                     f"[{int(token_index.min())}, {int(token_index.max())}]"
                 )
             return token_index
+        if token_index.numel() and (token_index.min() < 0 or token_index.max() >= self.num_tokens):
+            raise ValueError(
+                f"RouteBatch covers canonical tokens 0..{self.num_tokens - 1}; asked for tokens "
+                f"in [{int(token_index.min())}, {int(token_index.max())}]"
+            )
         position = torch.full((self.num_tokens,), -1, dtype=torch.int64)
         position[self.token_index] = torch.arange(self.shape[0])
         rows = position[token_index]

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import functools
 import io
+import math
 import multiprocessing
 import os
 import queue
@@ -73,6 +74,10 @@ def _silence_known_rank_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
+# Inside a rank: its process-group timeout, also given to Megatron's parallel groups.
+_RANK_COLLECTIVE_TIMEOUT_S: Optional[float] = None
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -94,6 +99,8 @@ def _rank_main(
     )
     torch.set_num_threads(1)
     _silence_known_rank_warnings()
+    global _RANK_COLLECTIVE_TIMEOUT_S
+    _RANK_COLLECTIVE_TIMEOUT_S = timeout
     try:
         torch.distributed.init_process_group(
             "gloo",
@@ -111,29 +118,67 @@ def _rank_main(
             torch.distributed.destroy_process_group()
 
 
+LAUNCH_TIMEOUT_S = 900.0
+"""Default wall-clock limit of one launch: 4 ranks' start-up alone (spawn, imports, rendezvous)
+takes over 120 s on a loaded 2-core machine, so only a real hang comes near it."""
+COLLECTIVE_TIMEOUT_S = 300.0
+"""Default gloo process-group timeout: a rank blocked in a collective whose peer never joins
+raises by itself after this long, so a hang shows up as an error with a traceback."""
+EXIT_TIMEOUT_S = 120.0
+"""How long a rank that reported its result gets to exit cleanly (its atexit handlers shut down
+helper processes such as the multiprocessing Manager of Megatron's torch_dist writer)."""
+
+
+def _kill_tree(process: multiprocessing.process.BaseProcess) -> None:
+    """SIGKILL a rank and every process it started: a rank killed alone would orphan them
+    (managers, resource trackers), and they keep the test run's stdout open."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    process.kill()
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(descendants, timeout=10)
+
+
 def run_distributed(
-    fn: Callable, world_size: int, *args: Any, timeout: float = 180, **kwargs: Any
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout: float = LAUNCH_TIMEOUT_S,
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+    **kwargs: Any,
 ) -> List[Any]:
     """Run module-level `fn(*args, **kwargs)` on `world_size` gloo ranks; return their results.
 
     Each rank is a fresh spawned process (OMP_NUM_THREADS=1) with torch.distributed initialised
-    (gloo, free localhost port). Returns [result of rank 0, result of rank 1, ...] (results must
-    be picklable with torch.save). If any rank raises, dies, or the launch exceeds `timeout`
-    seconds, all ranks are killed and DistributedTestError is raised with every failing rank's
-    traceback; once one rank has failed, the others get a short grace period to report, so a
-    peer blocked in a collective never hangs the test.
+    (gloo, free localhost port, process-group timeout min(collective_timeout, timeout)). Returns
+    [result of rank 0, result of rank 1, ...] (results must be picklable with torch.save).
+
+    If any rank raises, dies, or the launch exceeds `timeout` seconds, DistributedTestError is
+    raised with every failing rank's traceback; once one rank has failed, the others get a short
+    grace period to report, so a peer blocked in a collective never hangs the test. Ranks that
+    reported exit on their own (within EXIT_TIMEOUT_S; one that does not is an error); only ranks
+    that still run after a failure or the timeout are killed, with every process they started.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()
+    pg_timeout = min(collective_timeout, timeout)
+    # Not daemons: a rank may start helper processes (Megatron's torch_dist writer does), which
+    # Python forbids daemons to do; this function joins or kills every rank before it returns.
     processes = [
         context.Process(
             target=_rank_main,
-            args=(rank, world_size, port, timeout, fn, args, kwargs, results),
+            args=(rank, world_size, port, pg_timeout, fn, args, kwargs, results),
             name=f"rank{rank}",
-            daemon=True,
+            daemon=False,
         )
         for rank in range(world_size)
     ]
@@ -155,6 +200,7 @@ def run_distributed(
     grace_s = 10.0
     first_failure_at: Optional[float] = None
     timed_out = False
+    not_exited: List[int] = []
     try:
         while len(outcomes) < world_size:
             now = time.monotonic()
@@ -189,17 +235,24 @@ def run_distributed(
                         )
                     if outcomes[rank][0] != "ok" and first_failure_at is None:
                         first_failure_at = time.monotonic()
+        # Ranks that reported exit by themselves; the others are blocked or hung.
+        exit_deadline = time.monotonic() + EXIT_TIMEOUT_S
+        for rank, process in enumerate(processes):
+            if rank in outcomes:
+                process.join(timeout=max(0.0, exit_deadline - time.monotonic()))
+                if process.is_alive():
+                    not_exited.append(rank)
     finally:
         for process in processes:
             if process.is_alive():
-                process.kill()
+                _kill_tree(process)
         for process in processes:
             process.join(timeout=10)
         results.close()
 
     failures = {r: o for r, o in outcomes.items() if o[0] != "ok"}
     missing = [r for r in range(world_size) if r not in outcomes]
-    if not failures and not missing:
+    if not failures and not missing and not not_exited:
         return [
             torch.load(io.BytesIO(outcomes[r][1]), weights_only=False) for r in range(world_size)
         ]
@@ -212,6 +265,11 @@ def run_distributed(
         lines.append(f"TIMEOUT after {timeout}s; ranks without a result were killed: {missing}")
     elif missing:
         lines.append(f"ranks killed after another rank failed (blocked in a collective): {missing}")
+    if not_exited:
+        lines.append(
+            f"ranks {not_exited} reported a result but did not exit within {EXIT_TIMEOUT_S}s "
+            f"(killed with their child processes)"
+        )
     text = "\n".join(str(o[1]) for o in failures.values())
     if any(marker in text for marker in _CUDA_ONLY_MARKERS):
         lines.append(_CUDA_ONLY_HINT)
@@ -254,7 +312,11 @@ def init_megatron_parallel(
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    # Megatron's groups default to a 30 min timeout: use the launch's collective timeout, so a
+    # rank blocked in a TP / EP / PP collective raises by itself, as on the world group.
+    timeout_s = _RANK_COLLECTIVE_TIMEOUT_S or COLLECTIVE_TIMEOUT_S
     parallel_state.initialize_model_parallel(
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,

@@ -269,3 +269,29 @@ def test_full_argv_through_megatron_training():
     assert result["bad_value"] == "--pr2-alpha=0: must be > 0"
     assert result["bad_choice_exit"] == 2
     assert "argument --pr2-predictor: invalid choice: 'mlp'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("loss_start_ministep", True, "must be of type int"),  # a bool is an int to isinstance
+        ("predictor_rank", 4.0, "must be of type int"),
+        ("cache_tokens_per_sequence", "64", "must be of type int"),
+        ("telemetry_stride", False, "must be of type int"),
+        ("alpha", "100", "must be of type float"),
+        ("loss_coeff", True, "must be of type float"),
+        ("alpha", float("inf"), "must be finite"),
+        ("telemetry", 1, "must be of type bool"),
+        ("predictor", None, "must be of type str"),
+    ],
+)
+def test_config_field_types_are_strict(field, value, message):
+    with pytest.raises(ValueError) as error:
+        PR2Config(**{field: value})
+    assert str(error.value) == f"PR2Config.{field}={value!r}: {message}", str(error.value)
+
+
+def test_config_accepts_ints_for_floats_and_numpy_integers():
+    np = pytest.importorskip("numpy")
+    config = PR2Config(alpha=50, predictor_rank=np.int64(8), loss_coeff=0)
+    assert config.alpha == 50 and config.predictor_rank == 8

@@ -266,9 +266,61 @@ def test_slurm_launch_expands_node_rank_on_each_node(fake_bin, tmp_path):
     ]
 
 
-def test_slurm_requires_an_allocation():
-    proc = _run("slurm.sbatch", ["--dry-run"], check=False)
+def _bash_only_path(tmp_path):
+    """A PATH holding only bash: no scontrol, srun or python, as on a laptop outside Slurm."""
+    bin_dir = tmp_path / "bash-only"
+    bin_dir.mkdir()
+    os.symlink(shutil.which("bash"), bin_dir / "bash")
+    return str(bin_dir)
+
+
+def test_slurm_launch_requires_an_allocation():
+    proc = _run("slurm.sbatch", [], check=False)
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is unset" in proc.stderr
+
+
+def test_slurm_dry_run_outside_slurm(tmp_path):
+    # No SLURM_* variables, no scontrol, no MASTER_ADDR: a one-node allocation on this host.
+    env = dict(PATH=_bash_only_path(tmp_path), HOSTNAME="login-7")
+    out = _run("slurm.sbatch", ["--dry-run", "--", "--mode", "pr2"], env=env).stdout
+    lines = out.splitlines()
+    assert (
+        lines[0]
+        == "# outside Slurm (SLURM_JOB_NODELIST unset): a 1-node allocation, first host login-7"
+    )
+    assert "export MASTER_ADDR=login-7" in lines and "export MASTER_PORT=20000" in lines
+    node = shlex.split(lines[-1])
+    assert node == [
+        "python3",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--node-rank=0",
+        "--nproc-per-node=8",
+        "--master-addr=login-7",
+        "--master-port=20000",
+        "-m",
+        "megatron_pr2.rl.demo",
+        "--mode",
+        "pr2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [
+        ("gpu-a[17-18]", "gpu-a17"),
+        ("gpu-a[007-008,010],gpu-b1", "gpu-a007"),
+        ("node3,node1", "node3"),
+        ("rack[2-3]-gpu[01-04]", "rack2-gpu01"),
+        ("solo", "solo"),
+    ],
+)
+def test_slurm_dry_run_without_scontrol_takes_the_first_host(tmp_path, nodelist, first):
+    env = dict(SLURM_ENV, SLURM_JOB_NODELIST=nodelist, PATH=_bash_only_path(tmp_path))
+    out = _run("slurm.sbatch", ["--dry-run"], env=env).stdout
+    assert f"export MASTER_ADDR={first}" in out.splitlines()
+    assert f"--master-addr={first}" in shlex.split(out.splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,3 +165,124 @@ def test_bad_input_errors() -> None:
         missing = good.clone()
         missing[0] = -1
         RouteBatch(missing, 8).compact_indices
+
+
+# -- strict input types (each of these used to pack silently into wrong bits) -----------------
+def _good() -> torch.Tensor:
+    good = torch.zeros(4, 2, 2, dtype=torch.int64)
+    good[..., 1] = 1
+    return good
+
+
+@pytest.mark.parametrize("num_experts", [8.5, 8.0, True, "8", torch.tensor(8)])
+def test_num_experts_must_be_an_integer(num_experts) -> None:
+    # 8.5 packed ids with ceil(log2 8.5) = 4 bits; int(8.5) = 8 decoded them with 3.
+    with pytest.raises(ValueError, match="num_experts=.* must be an integer"):
+        RouteBatch(_good(), num_experts)
+
+
+def test_numpy_integer_num_experts_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    assert RouteBatch(_good(), np.int64(8)).num_experts == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32])
+def test_dropped_must_be_bool(dtype) -> None:
+    # A value 2 at 1 bit per slot would have set the next slot's bit.
+    dropped = torch.zeros(4, 2, 2, dtype=dtype)
+    dropped[0, 0, 0] = 2
+    with pytest.raises(ValueError, match="dropped must be a bool tensor"):
+        RouteBatch(_good(), 8, dropped=dropped)
+    exact = torch.zeros(4, 2, 2, dtype=torch.bool)
+    exact[0, 0, 0] = True
+    routes = RouteBatch(_good(), 8, dropped=exact)
+    assert torch.equal(routes.dropped, exact)  # only the slot that was set
+
+
+@pytest.mark.parametrize("bad_id", [-5, -2])
+def test_negative_ids_other_than_missing_rejected(bad_id: int) -> None:
+    indices = _good()
+    indices[1] = bad_id
+    with pytest.raises(ValueError, match=f"expert id {bad_id} is negative; only -1"):
+        RouteBatch(indices, 8)
+    indices[1] = -1  # the documented marker still works
+    assert RouteBatch(indices, 8).missing[1].all()
+
+
+@pytest.mark.parametrize(
+    "token_index, match",
+    [
+        (torch.tensor([0, 1, 1, 3]), "token_index lists id 1 more than once"),
+        (torch.tensor([0, 1, 2, 8]), r"token_index holds ids in \[0, 8\]; they must be \[0, 8\)"),
+        (torch.tensor([-1, 1, 2, 3]), r"token_index holds ids in \[-1, 3\]"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), "token_index must be an integer tensor"),
+        (torch.arange(3), r"token_index shape \(3,\) != \(4,\)"),
+    ],
+)
+def test_bad_token_index_rejected(token_index, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RouteBatch(_good(), 8, token_index=token_index, num_tokens=8)
+
+
+@pytest.mark.parametrize(
+    "layer_index, match",
+    [
+        (torch.tensor([2, 2]), "layer_index lists id 2 more than once"),
+        (torch.tensor([-3, 1]), r"layer_index holds ids in \[-3, 1\]; they must be >= 0"),
+        (torch.tensor([True, False]), "layer_index must be an integer tensor"),
+    ],
+)
+def test_bad_layer_index_rejected(layer_index, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RouteBatch(_good(), 8, layer_index=layer_index)
+
+
+def test_token_counts_must_be_consistent() -> None:
+    with pytest.raises(ValueError, match="num_tokens=2 must be an integer >= its 4 rows"):
+        RouteBatch(_good(), 8, token_index=torch.arange(4), num_tokens=2)
+    with pytest.raises(ValueError, match="num_tokens=8 with 4 rows needs a token_index"):
+        RouteBatch(_good(), 8, num_tokens=8)
+    with pytest.raises(ValueError, match="seq_length=3 must be an integer >= 1 that divides"):
+        RouteBatch(_good(), 8, seq_length=3)
+    with pytest.raises(ValueError, match="seq_length=2.0 must be an integer"):
+        RouteBatch(_good(), 8, seq_length=2.0)
+
+
+def test_rows_for_out_of_range_is_a_value_error() -> None:
+    # It was an IndexError, which the ranks' error agreement did not catch (a peer hung).
+    routes = RouteBatch(_good(), 8, token_index=torch.tensor([5, 0, 2, 7]), num_tokens=8)
+    assert torch.equal(routes.rows_for(torch.tensor([7, 5])), torch.tensor([3, 0]))
+    for asked in ([8], [-1], [0, 100]):
+        with pytest.raises(ValueError, match="covers canonical tokens 0..7; asked for"):
+            routes.rows_for(torch.tensor(asked))
+    with pytest.raises(ValueError, match="does not hold every token"):
+        routes.rows_for(torch.tensor([1]))
+
+
+def test_check_tokens_against_the_input_shape() -> None:
+    indices = torch.zeros(16, 1, 2, dtype=torch.int64)
+    indices[..., 1] = 1
+    routes = RouteBatch(indices, 4, seq_length=8)  # recorded on [S=8, B=2]
+    routes.check_tokens(seq_length=8, batch_size=2)
+    # Same 16 tokens, other shape: token b * S + s would name another token's route.
+    with pytest.raises(ValueError, match=r"recorded for 16 tokens \(seq_length=8\); the input"):
+        routes.check_tokens(seq_length=4, batch_size=4)
+    with pytest.raises(ValueError, match="seq_length=8 x batch_size=3 = 24 tokens"):
+        routes.check_tokens(seq_length=8, batch_size=3)
+    # Without a recorded seq_length only the token count can be checked.
+    unknown = RouteBatch(indices, 4)
+    unknown.check_tokens(seq_length=4, batch_size=4)
+    with pytest.raises(ValueError, match="seq_length unknown"):
+        unknown.check_tokens(seq_length=5, batch_size=4)
+
+
+def test_check_layers_against_the_model() -> None:
+    indices = torch.zeros(2, 4, 2, dtype=torch.int64)
+    indices[..., 1] = 1
+    RouteBatch(indices, 4).check_layers(4)
+    with pytest.raises(ValueError, match="holds 4 MoE-layer columns; the model has 3"):
+        RouteBatch(indices, 4).check_layers(3)
+    shard = RouteBatch(indices[:, :2], 4, layer_index=torch.tensor([1, 3]))
+    shard.check_layers(4)
+    with pytest.raises(ValueError, match=r"layer_index \[1, 3\] names MoE layers .* has 3"):
+        shard.check_layers(3)
