@@ -24,7 +24,7 @@ def _run(args, tmp_path, name):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     with open(out) as f:
@@ -155,7 +155,7 @@ def test_report_renders_router_results(router_run, tmp_path):
         env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     for label in TARGET_RATIOS:

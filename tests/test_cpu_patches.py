@@ -91,13 +91,12 @@ def _moe_forward_without_patches() -> None:
 
 
 def test_multi_rank_moe_without_patches_fails_with_clear_message() -> None:
-    start = time.monotonic()
     with pytest.raises(DistributedTestError) as error:
-        run_distributed(_moe_forward_without_patches, 2, timeout=240)
+        run_distributed(_moe_forward_without_patches, 2)
     message = str(error.value)
     assert "CUDA-only code path" in message and "apply_cpu_patches()" in message, message
     assert "----- rank 0 (error)" in message and "----- rank 1 (error)" in message, message
-    assert time.monotonic() - start < 240
+    assert "TIMEOUT" not in message, message
 
 
 def _rank_and_world() -> Tuple[int, int]:
@@ -119,13 +118,14 @@ def test_harness_returns_per_rank_results() -> None:
 
 
 def test_harness_reports_failing_rank_and_does_not_hang() -> None:
-    start = time.monotonic()
+    # Reported as rank 1's error, long before the launch timeout (no wall-clock bound here:
+    # start-up alone can take minutes on a loaded machine).
     with pytest.raises(DistributedTestError) as error:
-        run_distributed(_rank_one_raises_rank_zero_waits, 2, timeout=120)
+        run_distributed(_rank_one_raises_rank_zero_waits, 2)
     message = str(error.value)
     assert "ValueError: deliberate failure on rank 1" in message, message
     assert "----- rank 1 (error)" in message
-    assert time.monotonic() - start < 100
+    assert "TIMEOUT" not in message, message
 
 
 def test_harness_times_out_hung_ranks() -> None:

@@ -264,7 +264,7 @@ def _rank_main():
 
 @pytest.fixture(scope="module")
 def plan_results():
-    return run_distributed(_rank_main, 4, timeout=240)
+    return run_distributed(_rank_main, 4)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

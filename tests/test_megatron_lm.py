@@ -308,9 +308,8 @@ def _expected_report(gathered, layer_numbers):
     return expected
 
 
-@pytest.mark.timeout(400)
 def test_pipeline_route_feeding_and_metrics_pp2_dp2():
-    results = run_distributed(_rank_pipeline_hooks, 4, timeout=360)
+    results = run_distributed(_rank_pipeline_hooks, 4)
     m = _megatron_lm()
     layer_numbers = m.moe_layer_numbers(4, MOE_LAYER_FREQ)
     by_stage = {0: [], 1: []}
@@ -417,9 +416,8 @@ def _rank_optimizer():
         return dict(num_predictor=len(predictor_ids), groups=groups)
 
 
-@pytest.mark.timeout(200)
 def test_predictor_learning_rate_in_megatron_optimizer():
-    (result,) = run_distributed(_rank_optimizer, 1, timeout=180)
+    (result,) = run_distributed(_rank_optimizer, 1)
     assert result["num_predictor"] == 2
     predictor_groups = [g for g in result["groups"] if True in g[0]]
     assert predictor_groups == [([True], pytest.approx(50 * 1e-3), 0.0)]
@@ -581,7 +579,7 @@ def _run_megatron_training_main():
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     proc = subprocess.run(
-        [sys.executable, "-c", code, port], env=env, capture_output=True, text=True, timeout=280
+        [sys.executable, "-c", code, port], env=env, capture_output=True, text=True, timeout=600
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
@@ -592,7 +590,6 @@ def _run_megatron_training_main():
     not HAS_MEGATRON_TRAINING,
     reason="megatron-core 0.16.1's wheel has no megatron.training (a Megatron-LM checkout has it)",
 )
-@pytest.mark.timeout(300)
 def test_runtime_hooks_on_installed_megatron_training():
     result = _run_megatron_training_main()
     assert result["routers"] == ["PR2Router", "PR2Router"] and result["all_pr2"]

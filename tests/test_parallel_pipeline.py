@@ -251,7 +251,7 @@ def _rank_gpt_layouts():
 
 @pytest.fixture(scope="module")
 def gpt_layouts():
-    return run_distributed(_rank_gpt_layouts, 4, timeout=300)
+    return run_distributed(_rank_gpt_layouts, 4)
 
 
 @pytest.mark.parametrize("layout", sorted(GPT_LAYOUTS))
@@ -406,22 +406,27 @@ def _rank_corrupted(names):
 
 @pytest.fixture(scope="module")
 def corrupted_runs():
-    """One launch per mechanism (a failed launch loses the results of all its cases)."""
+    """launch -> results of its one launch (a failed launch loses the results of all its
+    cases), run when a test first asks for it: each test's time limit covers one launch."""
     from harness import DistributedTestError
 
     runs = {}
-    for launch in dict.fromkeys(c[0] for c in CORRUPTIONS.values()):
-        names = [name for name, c in CORRUPTIONS.items() if c[0] == launch]
-        try:
-            runs[launch] = run_distributed(_rank_corrupted, _world(names[0]), names, timeout=150)
-        except DistributedTestError as error:
-            runs[launch] = str(error)  # a rank died or hung: reported by each test
-    return runs
+
+    def get(launch):
+        if launch not in runs:
+            names = [name for name, c in CORRUPTIONS.items() if c[0] == launch]
+            try:
+                runs[launch] = run_distributed(_rank_corrupted, _world(names[0]), names)
+            except DistributedTestError as error:
+                runs[launch] = str(error)  # a rank died or hung: reported by each test
+        return runs[launch]
+
+    return get
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_corrupted_shard_raises_a_route_error_on_every_rank(corrupted_runs, name):
-    results = corrupted_runs[CORRUPTIONS[name][0]]
+    results = corrupted_runs(CORRUPTIONS[name][0])
     assert not isinstance(results, str), results
     for rank, result in enumerate(results):
         message = result[name]

@@ -275,7 +275,7 @@ def _rank_moe_layouts():
 
 @pytest.fixture(scope="module")
 def moe_layouts():
-    return run_distributed(_rank_moe_layouts, 4, timeout=240)
+    return run_distributed(_rank_moe_layouts, 4)
 
 
 @pytest.mark.parametrize("layout", sorted(MOE_LAYOUTS))

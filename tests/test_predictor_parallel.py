@@ -264,7 +264,7 @@ def _rank_predictor_replicas():
 
 @pytest.fixture(scope="module")
 def replicas():
-    return run_distributed(_rank_predictor_replicas, 4, timeout=300)
+    return run_distributed(_rank_predictor_replicas, 4)
 
 
 @pytest.mark.parametrize("cache", ["cache4", "cache1"])
@@ -322,8 +322,6 @@ def _rank_checkpoint(ckpt_dir):
     from par_util import cpu_patches
 
     cpu_patches()  # before the first megatron-core import of this rank
-    import multiprocessing
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from par_util import build_pr2_gpt, drift_routers, full_tensors, load_full, set_predictors
@@ -335,9 +333,6 @@ def _rank_checkpoint(ckpt_dir):
         drift_routers(reference)
         weights = full_tensors(reference)
 
-    # The harness runs ranks as daemon processes (they die with pytest); Megatron's torch_dist
-    # writer starts helper processes, which Python forbids daemons to do.
-    multiprocessing.current_process()._config["daemon"] = False
     out = {}
     with init_megatron_parallel(tp=2):
         model = build_pr2_gpt(tiny_gpt_config(), VOCAB, SEQ)
@@ -365,7 +360,7 @@ def _rank_checkpoint(ckpt_dir):
 
 
 def test_predictor_checkpoint_round_trip(tmp_path):
-    results = run_distributed(_rank_checkpoint, 2, str(tmp_path), timeout=150)
+    results = run_distributed(_rank_checkpoint, 2, str(tmp_path))
     for rank, result in enumerate(results):
         for layout, r in result.items():
             assert r["predictor_params"] >= 1 and r["router_params"] >= 1, (rank, layout, r)
@@ -378,15 +373,12 @@ def _rank_lookahead_checkpoint(ckpt_dir):
     from par_util import cpu_patches
 
     cpu_patches()
-    import multiprocessing
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from par_util import build_pr2_gpt
 
     from megatron_pr2 import pr2_routers, routing
 
-    multiprocessing.current_process()._config["daemon"] = False
     tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=torch.Generator().manual_seed(4))
     position_ids = torch.arange(SEQ).expand(MBS, SEQ)
 
@@ -428,6 +420,6 @@ def _rank_lookahead_checkpoint(ckpt_dir):
 def test_lookahead_state_checkpoint_round_trip(tmp_path):
     # The parameter-free lookahead predictor keeps its state in buffers (anchor, drift, seen):
     # they go through Megatron's sharded_state_dict and a resumed model predicts the same routes.
-    for result in run_distributed(_rank_lookahead_checkpoint, 2, str(tmp_path), timeout=150):
+    for result in run_distributed(_rank_lookahead_checkpoint, 2, str(tmp_path)):
         assert result["buffer_names"] == ["anchor", "seen", "weight"]
         assert result["buffers_exact"] and result["same_routes"], result

@@ -156,7 +156,7 @@ def _gpt_pp_rank(layouts: List[Tuple[str, str, bool]]) -> Dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def gpt_results() -> List[Dict[str, Any]]:
-    return run_distributed(_gpt_pp_rank, WORLD_SIZE, LAYOUTS, timeout=300)
+    return run_distributed(_gpt_pp_rank, WORLD_SIZE, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])

@@ -153,7 +153,7 @@ def _moe_reference_rank(layouts: List[Tuple]) -> Dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def moe_results() -> List[Dict[str, Any]]:
-    return run_distributed(_moe_reference_rank, WORLD_SIZE, LAYOUTS, timeout=300)
+    return run_distributed(_moe_reference_rank, WORLD_SIZE, LAYOUTS)
 
 
 def test_reference_matches_dense_torch_moe(moe_results: List[Dict[str, Any]]) -> None:

@@ -306,7 +306,7 @@ def test_ep2_two_ranks_matches_ep1(tmp_path):
 
     task = ArithmeticTask(TaskConfig(num_digits=2))
     train_tokenizer(task.corpus(seed=0, n=3000), str(tmp_path / "tok"), 64)
-    results = run_distributed(_two_rank_run, 2, str(tmp_path), "pr2-r3", timeout=300)
+    results = run_distributed(_two_rank_run, 2, str(tmp_path), "pr2-r3")
     r0, r1 = results
     for ep in (1, 2):
         # Metrics are reduced over ranks: both ranks report the same values.

@@ -673,7 +673,7 @@ def _rank_scatter_gather_4():
 
 
 def test_scatter_gather_4_ranks() -> None:
-    results = run_distributed(_rank_scatter_gather_4, 4, timeout=240)
+    results = run_distributed(_rank_scatter_gather_4, 4)
     total = canonical_routes(2, 16, 4, 8, 128, seed=11).nbytes
     for rank, out in enumerate(results):
         # each non-source rank receives exactly its packed slice: size message + payload
@@ -716,7 +716,7 @@ def _rank_thd_cp2():
 
 
 def test_thd_cp2_two_ranks() -> None:
-    tokens = run_distributed(_rank_thd_cp2, 2, timeout=120)
+    tokens = run_distributed(_rank_thd_cp2, 2)
     assert tokens == [[0, 3, 4, 5, 10, 11, 12, 15], [1, 2, 6, 7, 8, 9, 13, 14]]
 
 
