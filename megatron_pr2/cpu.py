@@ -20,6 +20,8 @@
 #     build per process otherwise), and the RNG tracker's fork warning is filtered (see below).
 #   * 0.19 without triton: one megatron file that imports triton unconditionally is loaded
 #     against a stub that is visible only while that file executes.
+#   * Multi-Latent Attention without Transformer Engine: the local core attention takes MLA's
+#     k/v head dims, and 0.16's TELinear placeholder becomes a type (cpu_mla.py).
 # Shapes: none; this file moves no model data.
 
 import importlib
@@ -226,6 +228,12 @@ def apply_cpu_patches() -> None:
     _set(clip_grads, "clip_grad_by_total_norm_fp32", cpu_clip)
     if "clip_grad_by_total_norm_fp32" in mcore_optimizer.__dict__:
         _set(mcore_optimizer, "clip_grad_by_total_norm_fp32", cpu_clip)
+
+    # Item 12: Multi-Latent Attention without Transformer Engine (see cpu_mla.py).
+    from megatron_pr2.cpu_mla import mla_patches
+
+    for owner, name, value in mla_patches():
+        _set(owner, name, value)
 
     # Speed, not correctness: torch.compile'd helpers run eagerly (see the function).
     _run_jit_fused_functions_eagerly(_set)
