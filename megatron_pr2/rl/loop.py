@@ -31,7 +31,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
 from megatron_pr2.compat import clear_aux_losses_tracker
 from megatron_pr2.model_index import pr2_routers
-from megatron_pr2.optim import is_predictor_param
+from megatron_pr2.optim import is_predictor_param, predictor_step_frozen
 from megatron_pr2.phases import STRATEGIES as MODES
 from megatron_pr2.phases import strategy_modes
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
@@ -45,7 +45,7 @@ from megatron_pr2.rl.model import (
     load_full_state_dict,
     reduce_gradients,
 )
-from megatron_pr2.rl.rollout import generate, response_mask_of, score
+from megatron_pr2.rl.rollout import generate, loss_token_mask, response_mask_of, score
 from megatron_pr2.rl.route_probe import RouteProbe
 from megatron_pr2.rl.sft import prompt_tokens
 from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
@@ -250,6 +250,8 @@ class RLTrainer:
                 _dp_group(),
             )
         response_mask = response_mask_of(sequences, self.prompt_length)
+        # [B, S]: input tokens whose routes the loss uses; only they enter the predictor cache.
+        token_mask = loss_token_mask(response_mask)
         completions = [tok.decode(s[self.prompt_length :].tolist()) for s in sequences.cpu()]
         rewards = torch.tensor(self.task.rewards(problems, completions), dtype=torch.float32)
         advantages = grpo_advantages(rewards, cfg.group_size).to(self.device)
@@ -270,7 +272,9 @@ class RLTrainer:
         rollout_lp, engine_routes = [], []
         with torch.no_grad():
             for idx in flat_micro:
-                with routing(self.engine, engine_mode) as h:
+                with routing(
+                    self.engine, engine_mode, **_cache_mask(engine_mode, token_mask[idx])
+                ) as h:
                     lp, _ = score(self.engine, sequences[idx], tok.vocab_size)
                 rollout_lp.append(lp)
                 engine_routes.append(h.routes)
@@ -280,8 +284,9 @@ class RLTrainer:
         with torch.no_grad():
             for j, idx in enumerate(flat_micro):
                 routes = engine_routes[j] if old_mode == "replay" else None
-                with routing(self.model, old_mode, routes) as h, self.probe.old_pass(
-                    j, response_mask[idx]
+                cache = _cache_mask(old_mode, token_mask[idx])
+                with routing(self.model, old_mode, routes, **cache) as h, self.probe.old_pass(
+                    j, token_mask[idx]
                 ):
                     lp, ent = score(self.model, sequences[idx], tok.vocab_size, with_entropy=True)
                 old_lp.append(lp)
@@ -363,7 +368,10 @@ class RLTrainer:
             if cfg.mode.startswith("pr2"):
                 pred_norm = clip_gradients(self.model, cfg.grad_clip, self._predictor_params)
                 metrics.add("pr2/predictor_grad_norm", pred_norm, 1)
-            self.optimizer.step()
+            # No predictor loss this mini-step (mini-step 1, no cached tokens, or not a PR2
+            # mode): its gradient is an exact zero, and AdamW momentum would still move it.
+            with predictor_step_frozen(self.optimizer, not self._predictor_has_gradient()):
+                self.optimizer.step()
         self._router_drift_metrics(metrics, routers, weights_before)
         self.probe.end_step(step, self.rank, self._lab_meta())
         t_end = time.time()
@@ -372,6 +380,11 @@ class RLTrainer:
         metrics.add("time/train_seconds", t_end - t_rollout, 1)
         self.step_index += 1
         return metrics.reduce(_dp_group())
+
+    def _predictor_has_gradient(self) -> bool:
+        """True when some predictor parameter got a nonzero gradient this mini-step (grads are
+        already reduced over data-parallel ranks, so every rank agrees)."""
+        return any(p.grad is not None and bool(p.grad.any()) for p in self._predictor_params)
 
     def _lab_meta(self) -> dict:
         """What the predictor lab needs to train a predictor as this run does."""
@@ -546,6 +559,11 @@ class RLTrainer:
         )
         m.add("eval/reward", sum(self.task.rewards(problems, comps)), len(problems))
         return m.reduce(_dp_group())
+
+
+def _cache_mask(mode: str, token_mask: torch.Tensor) -> dict:
+    """routing() keyword that keeps padding / post-EOS tokens out of the predictor cache."""
+    return {"cache_mask": token_mask} if mode == "predict_record" else {}
 
 
 def _progress_line(cfg: RLConfig, step: int, m: Dict[str, float]) -> str:

@@ -24,21 +24,19 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from megatron_pr2.context import pr2_routers, topk_overlap
+from megatron_pr2.model_index import pr2_routers
 from megatron_pr2.routes import RouteBatch
+from megatron_pr2.telemetry import topk_overlap
 
 
-def loss_rows(loss_mask: torch.Tensor) -> torch.Tensor:
+def loss_rows(token_mask: torch.Tensor) -> torch.Tensor:
     """Router rows and canonical token ids of the tokens that feed the loss.
 
-    loss_mask [B, S - 1] over targets; input position t of sequence b feeds target t. Returns
-    [2, C] int64: router rows (s * B + b, the flattened [S, B] order) and canonical ids
-    (b * S + s), both in router-row order."""
-    batch, targets = loss_mask.shape
-    inputs = torch.zeros(batch, targets + 1, dtype=torch.bool, device=loss_mask.device)
-    inputs[:, :targets] = loss_mask > 0
-    s, b = torch.nonzero(inputs.t(), as_tuple=True)  # row-major over [S, B]: router-row order
-    seq = targets + 1
+    token_mask [B, S] bool over input tokens (rollout.loss_token_mask). Returns [2, C] int64:
+    router rows (s * B + b, the flattened [S, B] order) and canonical ids (b * S + s), both in
+    router-row order."""
+    batch, seq = token_mask.shape
+    s, b = torch.nonzero(token_mask.t(), as_tuple=True)  # row-major over [S, B]: router rows
     return torch.stack([s * batch + b, b * seq + s]).cpu()
 
 
@@ -90,9 +88,9 @@ class RouteProbe:
         self._predictor_old = []
 
     @contextmanager
-    def old_pass(self, microbatch: int, loss_mask: torch.Tensor) -> Iterator[None]:
-        """The trainer's old-policy forward of `microbatch` (loss_mask [B, S - 1])."""
-        self._rows[microbatch] = loss_rows(loss_mask)
+    def old_pass(self, microbatch: int, token_mask: torch.Tensor) -> Iterator[None]:
+        """The trainer's old-policy forward of `microbatch` (token_mask [B, S]: loss tokens)."""
+        self._rows[microbatch] = loss_rows(token_mask)
         self._old_top[microbatch] = [None] * len(self.routers)
         if 0 not in self._router_weights:
             self._router_weights[0] = self._weights()
