@@ -104,12 +104,15 @@ def kl_sum(target: torch.Tensor, logits: torch.Tensor) -> float:
 class Variant:
     """A predictor under test. offset(h, record, i): [C, L, E] with the state of the step's old
     pass; begin(record): sees the step before its old pass; train(h, p_old, p_live): one
-    mini-step update (None: nothing to learn); hindsight: evaluate after training."""
+    mini-step update (None: nothing to learn); idle(): a mini-step without predictor loss (the
+    RL loop's optimizer still steps, frozen: AdamW moments decay and its step count grows);
+    hindsight: evaluate after training."""
 
     name: str
     offset: Callable[[torch.Tensor, dict, int], torch.Tensor]
     begin: Callable[[dict], None] = lambda record: None
     train: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None
+    idle: Callable[[], None] = lambda: None
     weight: Callable[[], Optional[torch.Tensor]] = lambda: None
     hindsight: bool = False
 
@@ -188,12 +191,23 @@ def learned(
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
 
+    def idle() -> None:
+        # optim.predictor_step_frozen: zero gradient, lr 0 for this step.
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        lrs = [group["lr"] for group in opt.param_groups]
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        opt.step()
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
+
     def weight() -> Optional[torch.Tensor]:
         if kind != "linear":
             return None
         return torch.stack([head.weight.detach() for head in heads])
 
-    return Variant(name, offset, begin=begin, train=train, weight=weight)
+    return Variant(name, offset, begin=begin, train=train, idle=idle, weight=weight)
 
 
 def oracle_weight(name: str) -> Variant:
@@ -258,6 +272,8 @@ def simulate(records: List[dict], variant: Variant, loss_start: int = 2) -> List
             for i in steps:
                 if i >= loss_start and bool(masks[i].any()):
                     variant.train(h[masks[i]], p_old[masks[i]], p_live[masks[i]])
+                else:
+                    variant.idle()
 
         if variant.hindsight:
             train()
