@@ -139,7 +139,9 @@ def pr2_optimizer_config_overrides(
     if config_overrides is None:
         config_overrides = get_standard_config_overrides(config=optimizer_config)
     merged = dict(config_overrides)
-    override = {"max_lr": alpha * optimizer_config.lr, "wd_mult": 0.0}
+    # `pr2_predictor` marks the group (the distributed optimizer's fp32 shards lose the param
+    # tag) for optim.predictor_step_frozen.
+    override = {"max_lr": alpha * optimizer_config.lr, "wd_mult": 0.0, "pr2_predictor": True}
     if optimizer_config.min_lr is not None:
         override["min_lr"] = alpha * optimizer_config.min_lr
     merged[ParamKey(attr="pr2_predictor")] = override

@@ -2,9 +2,16 @@
 #
 # Two equivalent routes: torch optimizers take `predictor_param_groups`; Megatron's
 # get_megatron_optimizer takes the per-parameter config_overrides of
-# megatron_pr2.arguments.pr2_optimizer_config_overrides (both select by the `pr2_predictor` tag).
+# megatron_pr2.arguments.pr2_optimizer_config_overrides (both select by the `pr2_predictor` tag,
+# and both mark the predictor's param group with the key `pr2_predictor`).
+#
+# `predictor_step_frozen(optimizer)` wraps optimizer.step() on mini-steps without a predictor
+# loss (mini-step 1, or no cached tokens): the predictor then has an exact-zero gradient, and
+# AdamW would still move it by its momentum (and weight decay). As the PR2 authors do, the
+# predictor group runs that step with lr 0 and weight decay 0, so W_p stays bit-unchanged.
 
-from typing import List, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, List, Sequence, Union
 
 import torch
 
@@ -34,5 +41,46 @@ def predictor_param_groups(
                 (predictor if is_predictor_param(param) else rest).append(param)
     groups = [{"params": rest, "lr": base_lr, "weight_decay": weight_decay}]
     if predictor:
-        groups.append({"params": predictor, "lr": base_lr * alpha, "weight_decay": 0.0})
+        groups.append(
+            {"params": predictor, "lr": base_lr * alpha, "weight_decay": 0.0, "pr2_predictor": True}
+        )
     return groups
+
+
+def predictor_groups(optimizer) -> List[dict]:
+    """The param groups of `optimizer` that hold the PR2 predictor: marked `pr2_predictor` (by
+    predictor_param_groups or pr2_optimizer_config_overrides: Megatron's distributed optimizer
+    keeps the group dicts but replaces the parameters by fp32 shards, which lose the tag), or
+    made of tagged parameters only. Megatron's ChainedOptimizer lists every sub-optimizer's."""
+    out = []
+    for group in optimizer.param_groups:
+        params = list(group["params"])
+        tagged = [is_predictor_param(p) for p in params]
+        if group.get("pr2_predictor") or (params and all(tagged)):
+            out.append(group)
+        elif any(tagged):
+            raise ValueError(
+                "an optimizer param group mixes PR2 predictor and other parameters: build the "
+                "groups with predictor_param_groups (or pr2_optimizer_config_overrides)"
+            )
+    return out
+
+
+@contextmanager
+def predictor_step_frozen(optimizer, frozen: bool = True) -> Iterator[None]:
+    """Within the block (around optimizer.step()), the predictor's param groups have lr 0 and
+    weight decay 0, so the step leaves the predictor bit-unchanged (its optimizer moments still
+    decay, as in the PR2 authors' implementation); restored on exit. frozen=False: no-op."""
+    groups = predictor_groups(optimizer) if frozen else []
+    saved = [(group["lr"], group.get("weight_decay")) for group in groups]
+    for group in groups:
+        group["lr"] = 0.0
+        if "weight_decay" in group:
+            group["weight_decay"] = 0.0
+    try:
+        yield
+    finally:
+        for group, (lr, weight_decay) in zip(groups, saved):
+            group["lr"] = lr
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay

@@ -267,6 +267,7 @@ class PR2Router(TopKRouter):
                     answer.cache_logits,
                     offset,
                     loss,
+                    target[answer.cache_rows],
                 )
         return probs, routing_map
 

@@ -70,6 +70,7 @@ def routing(
     layout: Optional[TokenLayout] = None,
     group: Optional[torch.distributed.ProcessGroup] = None,
     dispatch_plan: Optional[bool] = None,
+    cache_mask: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
 ) -> Iterator[RoutingHandle]:
     """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
 
@@ -95,6 +96,10 @@ def routing(
     tp_ep group must pass the same value. A (microbatch, layer) that depends on live logits
     (missing routes under the "fallback" policy, a capacity factor without recorded drops)
     runs the stock preprocess either way.
+    cache_mask: predict_record only. Per microbatch (one [B, S] bool tensor, or a list in
+    forward order), True where a token may enter the predictor cache, in canonical order (token
+    b * S + s): pass the loss mask, so padding and post-EOS tokens never train the predictor.
+    cache_tokens_per_sequence then counts eligible tokens. None: every token is eligible.
     """
     if mode not in MODES:
         raise ValueError(f"routing mode={mode!r}: must be one of {MODES}")
@@ -112,6 +117,10 @@ def routing(
                 raise ValueError(f"routes[{i}] is {type(batch).__name__}, expected RouteBatch")
     elif routes is not None:
         raise ValueError(f"routing mode={mode!r} takes no routes (only 'replay' does)")
+    if cache_mask is not None:
+        if mode != "predict_record":
+            raise ValueError(f"routing cache_mask needs mode='predict_record', not {mode!r}")
+        cache_mask = [cache_mask] if isinstance(cache_mask, torch.Tensor) else list(cache_mask)
     routers = pr2_routers(model)
     if not routers and mode != "off":
         raise ValueError("the model has no PR2 routers: build its layer spec with apply_pr2()")
@@ -123,7 +132,9 @@ def routing(
         )
     if any(r.session is not None for r in routers):
         raise RuntimeError("routing() contexts cannot nest on the same model")
-    session = RoutingSession(mode, routers, list(routes) if routes else None, ministep, layout)
+    session = RoutingSession(
+        mode, routers, list(routes) if routes else None, ministep, layout, cache_mask
+    )
     if mode == "replay" and group is not None:
         # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
         session.agree_on_entry(group)

@@ -33,13 +33,39 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def cache_rows(layout: TokenLayout, cache_tokens_per_sequence: int) -> torch.Tensor:
-    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence."""
-    stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
-    if stride is None:
+def cache_rows(
+    layout: TokenLayout,
+    cache_tokens_per_sequence: int,
+    eligible: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence.
+
+    eligible: [B, S] bool in canonical order (token b * S + s), True where a token may train
+    the predictor (e.g. the loss mask: never padding or post-EOS tokens). The stride then runs
+    over each sequence's eligible tokens, so a sequence keeps up to cache_tokens_per_sequence of
+    them. Computed on the whole microbatch, so every rank of a token-split layout agrees."""
+    if eligible is None:
+        stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
+        if stride is None:
+            return torch.zeros(0, dtype=torch.int64)
+        position = layout.token_index % layout.seq_length
+        return torch.nonzero(position % stride == 0).squeeze(1)
+    eligible = eligible.detach().to("cpu", torch.bool)
+    if eligible.dim() != 2 or eligible.numel() != layout.num_tokens:
+        raise ValueError(
+            f"routing cache_mask of shape {tuple(eligible.shape)}: expected [batch, seq] with "
+            f"{layout.num_tokens} tokens (seq_length {layout.seq_length})"
+        )
+    if cache_tokens_per_sequence == 0:
         return torch.zeros(0, dtype=torch.int64)
-    position = layout.token_index % layout.seq_length
-    return torch.nonzero(position % stride == 0).squeeze(1)
+    count = eligible.sum(dim=1, keepdim=True)  # [B, 1] eligible tokens per sequence
+    if cache_tokens_per_sequence == -1:
+        stride = torch.ones_like(count)
+    else:
+        stride = (-(-count // cache_tokens_per_sequence)).clamp(min=1)
+    rank = torch.cumsum(eligible.long(), dim=1) - 1  # position among the eligible tokens
+    keep = (eligible & (rank % stride == 0)).reshape(-1)
+    return torch.nonzero(keep[layout.token_index]).squeeze(1)
 
 
 @dataclass
@@ -82,12 +108,14 @@ class RoutingSession:
         routes: Optional[List[RouteBatch]],
         ministep: int,
         layout: Optional[TokenLayout],
+        cache_mask: Optional[List[torch.Tensor]] = None,
     ) -> None:
         self.mode = mode
         self.routers = routers
         self.routes = routes
         self.ministep = ministep
         self.layout = layout
+        self.cache_mask = cache_mask
         self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
         self._layouts: Dict[int, TokenLayout] = {}
         # predict_record: the cached router rows of each microbatch, on the hidden states'
@@ -343,7 +371,15 @@ class RoutingSession:
         # recorded_routes uses the first router's too.
         rows = self._cache_rows.get(microbatch)
         if rows is None:
-            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence)
+            eligible = None
+            if self.cache_mask is not None:
+                if microbatch >= len(self.cache_mask):
+                    raise ValueError(
+                        f"routing cache_mask has {len(self.cache_mask)} microbatches; the model "
+                        f"ran microbatch {microbatch}"
+                    )
+                eligible = self.cache_mask[microbatch]
+            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence, eligible)
             rows = self._cache_rows[microbatch] = rows.to(hidden.device)
         return rows
 
@@ -383,7 +419,7 @@ class RoutingSession:
                 dropped = torch.stack([rec.dropped for rec in records], dim=1).cpu()
             cache = None
             if records[0].hidden is not None:
-                rows = cache_rows(layout, routers[0].pr2_config.cache_tokens_per_sequence)
+                rows = self._cache_rows[microbatch].cpu()
                 cache = PredictorCache(
                     token_index=layout.token_index[rows],
                     hidden=torch.stack([rec.hidden for rec in records], dim=1).cpu(),

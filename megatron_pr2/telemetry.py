@@ -5,7 +5,8 @@
 #   route_topk_accuracy       |replayed top-k ∩ live top-k| / k over router rows
 #   flip_rate                 fraction of router rows whose replayed and live top-k differ
 #   r2_topk_accuracy          |TopK(p_old) ∩ TopK(p_live)| / k on the cached tokens: plain R2
-#   predictive_topk_accuracy  |TopK(p_old + h_old W_p) ∩ TopK(p_live)| / k on the cached tokens
+#   predictive_topk_accuracy  |I_hat ∩ TopK(p_live)| / k on the cached tokens, I_hat = the replayed
+#                             route, TopK(p_old + h_old W_p) with W_p as it was when recorded
 #   predictor_loss            the predictor objective on the cached tokens
 #   bias_to_logit_ratio       mean |h_old W_p| / mean |p_old|
 #
@@ -94,15 +95,19 @@ def observe_predictor(
     old_logits: torch.Tensor,
     offset: torch.Tensor,
     loss: torch.Tensor,
+    replayed: torch.Tensor,
 ) -> None:
     """Predictor health on the C cached tokens: live_logits, old_logits (p_old), offset
-    (h_old W_p) are [C, E]; `loss` is the predictor objective on them."""
+    (h_old W_p with the current W_p) are [C, E]; `loss` is the predictor objective on them;
+    `replayed` [C, k] is the route replayed for them (the predicted route of the record pass:
+    the current W_p has since trained on earlier mini-steps, so TopK(p_old + offset) is not
+    what was replayed from mini-step 2 on)."""
     with torch.no_grad():
         offset = offset.detach()
         live_top = live_topk(live_logits)
         n = len(live_top)
         r2 = topk_overlap(live_topk(old_logits), live_top).float().mean() / topk
-        predicted = topk_overlap(live_topk(old_logits + offset), live_top).float().mean() / topk
+        predicted = topk_overlap(replayed, live_top).float().mean() / topk
         ratio = offset.abs().mean() / old_logits.abs().mean().clamp(min=1e-12)
         stats.add("r2_topk_accuracy", r2, n)
         stats.add("predictive_topk_accuracy", predicted, n)

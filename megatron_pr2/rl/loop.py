@@ -31,7 +31,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_pr2 import PR2Config, RouteBatch, predictor_param_groups, routing
 from megatron_pr2.compat import clear_aux_losses_tracker
 from megatron_pr2.model_index import pr2_routers
-from megatron_pr2.optim import is_predictor_param
+from megatron_pr2.optim import is_predictor_param, predictor_step_frozen
 from megatron_pr2.phases import STRATEGIES as MODES
 from megatron_pr2.phases import strategy_modes
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
@@ -45,7 +45,8 @@ from megatron_pr2.rl.model import (
     load_full_state_dict,
     reduce_gradients,
 )
-from megatron_pr2.rl.rollout import generate, response_mask_of, score
+from megatron_pr2.rl.rollout import generate, loss_token_mask, response_mask_of, score
+from megatron_pr2.rl.route_probe import RouteProbe
 from megatron_pr2.rl.sft import prompt_tokens
 from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
 from megatron_pr2.rl.task import ArithmeticTask, exact_match
@@ -91,6 +92,10 @@ class RLConfig:
     eval_problems: int = 0
     """Greedy-decoding exact-match evaluation on this many fixed held-out problems after the
     run (0 = off)."""
+    lab_dump_fraction: float = 0.0
+    """Fraction of the loss tokens whose (h_old, p_old, p_live per mini-step) the route probe
+    dumps to <run_dir>/lab/ for the offline predictor lab (benchmarks/predictor_lab.py); 0 = no
+    dump (the probe's drift metrics are measured either way)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,6 +121,10 @@ class RLConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.lab_dump_fraction <= 1.0:
+            raise ValueError(
+                f"RLConfig.lab_dump_fraction must be in [0, 1], got {self.lab_dump_fraction}"
+            )
 
 
 def derive_seed(*parts) -> int:
@@ -186,6 +195,9 @@ class RLTrainer:
         # Router-weight change over the previous rollout batch (per router), for the drift
         # telemetry: how alike consecutive batches' drifts are is what a predictor can exploit.
         self._last_router_drift: Optional[List[torch.Tensor]] = None
+        self.probe = RouteProbe(
+            self.model, os.path.join(run_dir, "lab"), cfg.lab_dump_fraction, cfg.seed
+        )
 
     # -- one rollout batch -------------------------------------------------------------------
     def _microbatches(self, perm: torch.Tensor) -> List[List[torch.Tensor]]:
@@ -210,6 +222,7 @@ class RLTrainer:
         t_start = time.time()
         routers = pr2_routers(self.model)
         weights_before = [r.weight.detach().clone() for r in routers]
+        self.probe.begin_step()
 
         # 1. Weight sync trainer -> engine (carries the PR2 predictor for pr2-r3). A lookahead
         # predictor observes the trainer's fp32 router weights first: the bf16 engine's own
@@ -237,6 +250,8 @@ class RLTrainer:
                 _dp_group(),
             )
         response_mask = response_mask_of(sequences, self.prompt_length)
+        # [B, S]: input tokens whose routes the loss uses; only they enter the predictor cache.
+        token_mask = loss_token_mask(response_mask)
         completions = [tok.decode(s[self.prompt_length :].tolist()) for s in sequences.cpu()]
         rewards = torch.tensor(self.task.rewards(problems, completions), dtype=torch.float32)
         advantages = grpo_advantages(rewards, cfg.group_size).to(self.device)
@@ -257,7 +272,9 @@ class RLTrainer:
         rollout_lp, engine_routes = [], []
         with torch.no_grad():
             for idx in flat_micro:
-                with routing(self.engine, engine_mode) as h:
+                with routing(
+                    self.engine, engine_mode, **_cache_mask(engine_mode, token_mask[idx])
+                ) as h:
                     lp, _ = score(self.engine, sequences[idx], tok.vocab_size)
                 rollout_lp.append(lp)
                 engine_routes.append(h.routes)
@@ -267,7 +284,10 @@ class RLTrainer:
         with torch.no_grad():
             for j, idx in enumerate(flat_micro):
                 routes = engine_routes[j] if old_mode == "replay" else None
-                with routing(self.model, old_mode, routes) as h:
+                cache = _cache_mask(old_mode, token_mask[idx])
+                with routing(self.model, old_mode, routes, **cache) as h, self.probe.old_pass(
+                    j, token_mask[idx]
+                ):
                     lp, ent = score(self.model, sequences[idx], tok.vocab_size, with_entropy=True)
                 old_lp.append(lp)
                 mask = response_mask[idx]
@@ -299,6 +319,8 @@ class RLTrainer:
                         plain = hp.routes
                     acc, _ = route_agreement(engine_routes[j], plain)
                     metrics.add_per_layer("pr2/train_inference_route_accuracy", acc)
+                if train_mode == "replay":
+                    self.probe.set_replayed(j, old_routes[j])
 
         # 5. Mini-steps.
         mb_offset = 0
@@ -312,7 +334,7 @@ class RLTrainer:
                     ctx = routing(self.model, "replay", old_routes[j], ministep=i)
                 else:
                     ctx = routing(self.model, "record")
-                with ctx as h:
+                with ctx as h, self.probe.ministep(i, j):
                     lp, _ = score(self.model, sequences[idx], tok.vocab_size)
                     loss, stats = policy_loss(lp, old_lp[j], advantages[idx], mask, cfg.policy)
                     (loss / len(mini)).backward()
@@ -323,6 +345,7 @@ class RLTrainer:
                     acc, flips = route_agreement(old_routes[j], h.routes)
                     metrics.add_per_layer("pr2/route_topk_accuracy", acc, ministep=i)
                     metrics.add_per_layer("pr2/flip_rate", flips, ministep=i)
+                self.probe.add_metrics(metrics, j)
                 metrics.add("rl/policy_loss", float(loss.detach()), 1)
                 metrics.add("rl/clip_fraction", float(stats["clipped"]), float(stats["units"]))
                 metrics.add(
@@ -345,14 +368,37 @@ class RLTrainer:
             if cfg.mode.startswith("pr2"):
                 pred_norm = clip_gradients(self.model, cfg.grad_clip, self._predictor_params)
                 metrics.add("pr2/predictor_grad_norm", pred_norm, 1)
-            self.optimizer.step()
+            # No predictor loss this mini-step (mini-step 1, no cached tokens, or not a PR2
+            # mode): its gradient is an exact zero, and AdamW momentum would still move it.
+            with predictor_step_frozen(self.optimizer, not self._predictor_has_gradient()):
+                self.optimizer.step()
         self._router_drift_metrics(metrics, routers, weights_before)
+        self.probe.end_step(step, self.rank, self._lab_meta())
         t_end = time.time()
         metrics.add("time/step_seconds", t_end - t_start, 1)
         metrics.add("time/rollout_seconds", t_rollout - t_start, 1)
         metrics.add("time/train_seconds", t_end - t_rollout, 1)
         self.step_index += 1
         return metrics.reduce(_dp_group())
+
+    def _predictor_has_gradient(self) -> bool:
+        """True when some predictor parameter got a nonzero gradient this mini-step (grads are
+        already reduced over data-parallel ranks, so every rank agrees)."""
+        return any(p.grad is not None and bool(p.grad.any()) for p in self._predictor_params)
+
+    def _lab_meta(self) -> dict:
+        """What the predictor lab needs to train a predictor as this run does."""
+        cfg = self.cfg
+        return {
+            "mode": cfg.mode,
+            "predictor": cfg.pr2.predictor,
+            "loss": cfg.pr2.loss,
+            "predictor_lr": cfg.lr * cfg.pr2.alpha,
+            "lookahead_scale": cfg.pr2.lookahead_scale,
+            "grad_clip": cfg.grad_clip,
+            "loss_start": cfg.pr2.loss_start_ministep,
+            "num_ministeps": cfg.num_ministeps,
+        }
 
     def _router_drift_metrics(self, metrics: StepMetrics, routers, weights_before) -> None:
         """Per layer: relative norm of this batch's router-weight change and its cosine with the
@@ -513,6 +559,11 @@ class RLTrainer:
         )
         m.add("eval/reward", sum(self.task.rewards(problems, comps)), len(problems))
         return m.reduce(_dp_group())
+
+
+def _cache_mask(mode: str, token_mask: torch.Tensor) -> dict:
+    """routing() keyword that keeps padding / post-EOS tokens out of the predictor cache."""
+    return {"cache_mask": token_mask} if mode == "predict_record" else {}
 
 
 def _progress_line(cfg: RLConfig, step: int, m: Dict[str, float]) -> str:

@@ -84,6 +84,16 @@ def response_mask_of(sequences: torch.Tensor, prompt_length: int) -> torch.Tenso
     return (generated & ~eos_before).float()
 
 
+def loss_token_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S - 1] target mask -> [B, S] bool over input tokens: True where the token's output
+    feeds the loss (input t predicts target t). Its routes are the ones the policy gradient
+    uses; padding, post-EOS tokens and the final EOS input are False."""
+    batch, targets = response_mask.shape
+    mask = torch.zeros(batch, targets + 1, dtype=torch.bool, device=response_mask.device)
+    mask[:, :targets] = response_mask > 0
+    return mask
+
+
 def score(model: torch.nn.Module, sequences: torch.Tensor, vocab_size: int, with_entropy=False):
     """Forward one microbatch; returns (target log-probs [B, S-1] fp32, entropy or None)."""
     logits = policy_logits(forward_logits(model, sequences), vocab_size)[:, :-1]

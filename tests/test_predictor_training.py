@@ -1,0 +1,156 @@
+# How the PR2 predictor is trained: which tokens feed it (the cache never holds padding or
+# post-EOS tokens), that it does not move on mini-steps without a predictor loss (AdamW momentum
+# and weight decay frozen), what the predictive top-k accuracy measures, and the sigmoid-router
+# loss. Single rank, in-process, seconds.
+
+import pytest
+import torch
+from harness import build_moe_layer, make_moe_config
+from single_rank import single_rank
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with single_rank() as pg_collection:
+        yield pg_collection
+
+
+def _pr2_layer(pg, config, **pr2_kwargs):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_pr2 import PR2Config, apply_pr2
+    from megatron_pr2.compat import moe_submodules_of
+
+    spec = apply_pr2(
+        get_gpt_layer_local_spec(num_experts=config.num_moe_experts), PR2Config(**pr2_kwargs)
+    )
+    torch.manual_seed(0)
+    return build_moe_layer(config, moe_submodules_of(spec.submodules.mlp), pg_collection=pg)
+
+
+def _tokens(config, seq=8, batch=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(seq, batch, config.hidden_size, generator=gen)
+
+
+# -- the cache keeps only eligible tokens -------------------------------------------------------
+def test_cache_rows_stride_over_eligible_tokens():
+    from megatron_pr2.routes import TokenLayout
+    from megatron_pr2.session import cache_rows
+
+    layout = TokenLayout.full(6, 2)  # router row s * 2 + b holds canonical token b * 6 + s
+    eligible = torch.tensor(
+        [[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool
+    )  # sequence 0: positions 1-4, sequence 1: positions 2-3
+    rows = cache_rows(layout, -1, eligible)
+    cached = layout.token_index[rows]
+    assert sorted(cached.tolist()) == [1, 2, 3, 4, 8, 9]
+    # 2 per sequence: sequence 0 strides 2 over its 4 eligible tokens, sequence 1 keeps both.
+    cached = layout.token_index[cache_rows(layout, 2, eligible)]
+    assert sorted(cached.tolist()) == [1, 3, 8, 9]
+    assert cache_rows(layout, 0, eligible).numel() == 0
+    # Without a mask: every sequence position at a fixed stride (padding included).
+    assert cache_rows(layout, -1).numel() == 12
+    with pytest.raises(ValueError, match="cache_mask of shape"):
+        cache_rows(layout, -1, eligible[:, :5])
+
+
+def test_predict_record_caches_only_masked_tokens(pg):
+    from megatron_pr2 import routing
+
+    config = make_moe_config()
+    layer = _pr2_layer(pg, config, cache_tokens_per_sequence=-1)
+    x = _tokens(config)
+    seq, batch = x.shape[:2]
+    mask = torch.zeros(batch, seq, dtype=torch.bool)
+    mask[0, 2:5] = True
+    mask[2, 6:] = True  # sequence 1 has no eligible token (all padding)
+    with torch.no_grad(), routing(layer, "predict_record", cache_mask=mask) as handle:
+        layer(x)
+    cache = handle.routes.cache
+    assert sorted(cache.token_index.tolist()) == [2, 3, 4, 2 * seq + 6, 2 * seq + 7]
+    # The cached rows carry their own h_old: canonical token b * S + s is x[s, b].
+    s, b = cache.token_index % seq, cache.token_index // seq
+    torch.testing.assert_close(cache.hidden[:, 0], x[s, b])
+    with pytest.raises(ValueError, match="cache_mask needs mode='predict_record'"):
+        with routing(layer, "record", cache_mask=mask):
+            pass
+    with pytest.raises(ValueError, match="cache_mask has 1 microbatches"):
+        with torch.no_grad(), routing(layer, "predict_record", cache_mask=[mask]):
+            layer(x)
+            layer(x)
+
+
+# -- no predictor step without a predictor loss --------------------------------------------------
+def _predictor_model():
+    model = torch.nn.Linear(4, 3)
+    model.predictor = torch.nn.Linear(4, 3, bias=False)
+    for p in model.predictor.parameters():
+        p.pr2_predictor = True
+    return model
+
+
+def test_predictor_step_frozen_keeps_w_p_bit_unchanged_despite_momentum():
+    from megatron_pr2.optim import predictor_param_groups, predictor_step_frozen
+
+    def run(freeze: bool):
+        torch.manual_seed(0)
+        model = _predictor_model()
+        opt = torch.optim.AdamW(predictor_param_groups(model, 1e-2, 3.0, weight_decay=0.1))
+        for p in model.parameters():  # a step with a loss: nonzero AdamW moments
+            p.grad = torch.randn_like(p)
+        opt.step()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():  # mini-step 1: exact-zero predictor gradient
+            p.grad = torch.zeros_like(p) if "predictor" in n else torch.randn_like(p)
+        with predictor_step_frozen(opt, freeze):
+            opt.step()
+        moved = {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
+        return moved, opt
+
+    moved, opt = run(freeze=True)
+    assert moved == {"weight": True, "bias": True, "predictor.weight": False}
+    # The group's lr and weight decay are restored after the step.
+    (group,) = [g for g in opt.param_groups if g.get("pr2_predictor")]
+    assert group["lr"] == pytest.approx(3e-2) and group["weight_decay"] == 0.0
+    # Without the freeze, AdamW momentum moves the predictor on a zero-gradient step.
+    moved, _ = run(freeze=False)
+    assert moved["predictor.weight"]
+
+
+def test_predictor_groups_refuses_mixed_groups():
+    from megatron_pr2.optim import predictor_groups
+
+    model = _predictor_model()
+    mixed = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="mixes PR2 predictor and other parameters"):
+        predictor_groups(mixed)
+    own = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.predictor.weight]}], lr=1)
+    assert [g["params"][0] is model.predictor.weight for g in predictor_groups(own)] == [True]
+
+
+# -- predictive accuracy = the replayed route's ----------------------------------------------------
+def test_predictive_accuracy_scores_the_replayed_route_not_the_current_predictor(pg):
+    """From mini-step 2 on W_p has trained since the record pass; the metric must score I_hat,
+    the route actually replayed, not TopK(p_old + h W_p) with the current W_p."""
+    from megatron_pr2 import routing
+
+    config = make_moe_config(num_moe_experts=8, moe_router_topk=2)
+    layer = _pr2_layer(pg, config, cache_tokens_per_sequence=-1)
+    x = _tokens(config)
+    with torch.no_grad(), routing(layer, "predict_record") as record:
+        layer(x)
+
+    def replay_metrics():
+        with torch.no_grad(), routing(layer, "replay", routes=record.routes, ministep=2) as h:
+            layer(x)
+        return h.metrics
+
+    before = replay_metrics()
+    # Same weights as the record pass: the replayed route is the live top-k.
+    assert float(before["predictive_topk_accuracy"][0]) == 1.0
+    with torch.no_grad():
+        layer.router.predictor.weight.normal_(0, 10.0)  # the predictor changes a lot
+    after = replay_metrics()
+    assert float(after["predictive_topk_accuracy"][0]) == 1.0
+    assert float(after["bias_to_logit_ratio"][0]) > 1.0  # the current W_p is used elsewhere
