@@ -543,3 +543,24 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.abs().max().item()
     diff = (actual.double() - expected.double()).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def pr2_moe_submodules(config: Any, pr2_config: Any = None) -> Any:
+    """MoESubmodules of the local GPT layer spec with PR2 routers (apply_pr2)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_pr2 import PR2Config, apply_pr2
+    from megatron_pr2.compat import moe_submodules_of
+
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
+    spec = apply_pr2(spec, pr2_config if pr2_config is not None else PR2Config())
+    return moe_submodules_of(spec.submodules.mlp)
+
+
+def build_pr2_moe_layer(
+    config: Any, pr2_config: Any = None, pg_collection: Any = None, layer_number: int = 1
+) -> Any:
+    """An MoELayer of `config` whose router is a PR2Router (local spec, apply_pr2)."""
+    return build_moe_layer(
+        config, pr2_moe_submodules(config, pr2_config), pg_collection, layer_number
+    )

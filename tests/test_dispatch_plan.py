@@ -53,16 +53,13 @@ def _config(**overrides):
 
 def _stack(config):
     """NUM_LAYERS PR2 MoE layers with MoE-layer ids 0..NUM_LAYERS-1."""
-    from harness import build_moe_layer
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from harness import build_pr2_moe_layer
 
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
+    from megatron_pr2 import PR2Config
 
-    spec = apply_pr2(get_gpt_layer_local_spec(num_experts=EXPERTS), PR2Config(telemetry=False))
     layers = torch.nn.ModuleList()
     for number in range(1, NUM_LAYERS + 1):
-        layer = build_moe_layer(config, moe_submodules_of(spec.submodules.mlp))
+        layer = build_pr2_moe_layer(config, PR2Config(telemetry=False))
         layer.set_layer_number(number)
         layers.append(layer)
     return layers

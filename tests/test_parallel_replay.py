@@ -51,14 +51,11 @@ def _moe_config(**overrides):
 
 
 def _pr2_moe_layer(config, **pr2_kwargs):
-    from harness import build_moe_layer
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from harness import build_pr2_moe_layer
 
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
+    from megatron_pr2 import PR2Config
 
-    spec = apply_pr2(get_gpt_layer_local_spec(num_experts=EXPERTS), PR2Config(**pr2_kwargs))
-    return build_moe_layer(config, moe_submodules_of(spec.submodules.mlp))
+    return build_pr2_moe_layer(config, PR2Config(**pr2_kwargs))
 
 
 def _ddp(config, module, overlap=False):

@@ -5,7 +5,7 @@
 
 import pytest
 import torch
-from harness import build_moe_layer, make_moe_config
+from harness import build_pr2_moe_layer, make_moe_config
 from single_rank import single_rank
 
 
@@ -16,16 +16,10 @@ def pg():
 
 
 def _pr2_layer(pg, config, **pr2_kwargs):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron_pr2 import PR2Config
 
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
-
-    spec = apply_pr2(
-        get_gpt_layer_local_spec(num_experts=config.num_moe_experts), PR2Config(**pr2_kwargs)
-    )
     torch.manual_seed(0)
-    return build_moe_layer(config, moe_submodules_of(spec.submodules.mlp), pg_collection=pg)
+    return build_pr2_moe_layer(config, PR2Config(**pr2_kwargs), pg_collection=pg)
 
 
 def _tokens(config, seq=8, batch=3, seed=0):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from harness import build_moe_layer, make_moe_config
+from harness import build_pr2_moe_layer, make_moe_config
 from single_rank import single_rank
 
 
@@ -18,18 +18,12 @@ def pg():
 
 
 def _pr2_layer(pg):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
+    from megatron_pr2 import PR2Config
 
     config = make_moe_config(num_layers=1, hidden_size=32, moe_ffn_hidden_size=64)
-    spec = apply_pr2(
-        get_gpt_layer_local_spec(num_experts=config.num_moe_experts),
-        PR2Config(cache_tokens_per_sequence=-1, loss_start_ministep=2),
-    )
+    pr2_config = PR2Config(cache_tokens_per_sequence=-1, loss_start_ministep=2)
     torch.manual_seed(0)
-    layer = build_moe_layer(config, moe_submodules_of(spec.submodules.mlp), pg_collection=pg)
+    layer = build_pr2_moe_layer(config, pr2_config, pg_collection=pg)
     return layer, config
 
 

@@ -31,14 +31,11 @@ def pg():
 
 
 def _pr2_spec(config, **pr2_kwargs):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from harness import pr2_moe_submodules
 
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
+    from megatron_pr2 import PR2Config
 
-    layer_spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
-    spec = apply_pr2(layer_spec, PR2Config(**pr2_kwargs))
-    return moe_submodules_of(spec.submodules.mlp)
+    return pr2_moe_submodules(config, PR2Config(**pr2_kwargs))
 
 
 def _stock_submodules(config):
