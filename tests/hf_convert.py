@@ -7,12 +7,11 @@
 # HF gate_up_proj [E, 2I, H] (gate rows first) is Megatron's SwiGLU linear_fc1 [2I, H].
 # Rotary embeddings: plain RoPE (rope_type "default" / "rope"); DeepSeek keeps HF's
 # rope_interleave=True, which is what Megatron's MLA rope does (de-interleave, rotate_half).
+# Build the HF models first; megatron_model() runs inside single_rank() (CPU patches applied).
 
 from typing import Any, Dict, Tuple
 
 import torch
-
-from megatron_pr2 import PR2Config, apply_pr2
 
 VOCAB, HIDDEN, HEADS = 64, 32, 4
 
@@ -181,6 +180,8 @@ def megatron_model(hf: Any, **pr2_fields: Any) -> Tuple[Any, Any]:
     """A PR2 Megatron GPTModel (local decoder block spec) with the HF model's weights."""
     from harness import build_tiny_gpt
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_pr2 import PR2Config, apply_pr2  # after the CPU patches (0.19 needs them)
 
     config = megatron_config(hf)
     spec = apply_pr2(

@@ -122,13 +122,13 @@ def drift(model, scale):
 def test_hf_parity_and_r3_replay(arch) -> None:
     import hf_convert
 
-    from megatron_pr2 import routing
-    from megatron_pr2.engines import EngineLayout, routes_from_sglang, routes_from_vllm
-
     hf = {"qwen3_moe": hf_convert.qwen3_moe_hf, "deepseek_v3": hf_convert.deepseek_v3_hf}[arch]()
     ids = torch.randint(0, hf_convert.VOCAB, (B, S), generator=torch.Generator().manual_seed(3))
     hf_logits, hf_topk = hf_forward(hf, ids)
-    with single_rank():
+    with single_rank():  # CPU patches first: megatron-core 0.19 imports triton otherwise
+        from megatron_pr2 import routing
+        from megatron_pr2.engines import EngineLayout, routes_from_sglang, routes_from_vllm
+
         model, config = hf_convert.megatron_model(hf, missing_route_policy="fallback")
         layout = EngineLayout.from_hf_config(hf.config)
         assert layout == EngineLayout.from_megatron_config(config)
