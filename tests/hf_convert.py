@@ -1,4 +1,4 @@
-# Tiny Hugging Face transformers MoE models (Qwen3-MoE, DeepSeek-V3) and their weights mapped
+# Tiny Hugging Face transformers MoE models (Qwen3-MoE, DeepSeek-V3, Mixtral) and their weights mapped
 # into Megatron-Core GPTModels built with apply_pr2 on the local spec (tests/test_hf_parity.py).
 #
 # Shapes: HF hidden states [B, S, H] (batch-major); Megatron [S, B, H]. HF routers see the
@@ -41,6 +41,29 @@ def qwen3_moe_hf(seed: int = 0) -> Any:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     return _init(Qwen3MoeForCausalLM(config), seed)
+
+
+def mixtral_hf(seed: int = 0) -> Any:
+    """Mixtral: 2 layers, all MoE, 8 experts top-2 (softmax, renormalised top-k), GQA 4/2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return _init(MixtralForCausalLM(config), seed)
 
 
 def deepseek_v3_hf(seed: int = 0) -> Any:
@@ -101,26 +124,28 @@ def megatron_config(hf: Any) -> Any:
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     c = hf.config
-    deepseek = c.model_type == "deepseek_v3"
-    pattern = (
-        [1 if i >= c.first_k_dense_replace else 0 for i in range(c.num_hidden_layers)]
-        if deepseek
-        else [0 if i in c.mlp_only_layers else 1 for i in range(c.num_hidden_layers)]
-    )
+    deepseek, mixtral = c.model_type == "deepseek_v3", c.model_type == "mixtral"
+    layers = range(c.num_hidden_layers)
+    if deepseek:
+        pattern = [1 if i >= c.first_k_dense_replace else 0 for i in layers]
+    else:
+        pattern = [0 if i in getattr(c, "mlp_only_layers", ()) else 1 for i in layers]
     fields: Dict[str, Any] = dict(
         num_layers=c.num_hidden_layers,
         hidden_size=c.hidden_size,
         num_attention_heads=c.num_attention_heads,
         ffn_hidden_size=c.intermediate_size,
-        moe_ffn_hidden_size=c.moe_intermediate_size,
-        num_moe_experts=c.num_experts if not deepseek else c.n_routed_experts,
+        moe_ffn_hidden_size=c.intermediate_size if mixtral else c.moe_intermediate_size,
+        num_moe_experts=(
+            c.num_local_experts if mixtral else (c.n_routed_experts if deepseek else c.num_experts)
+        ),
         moe_router_topk=c.num_experts_per_tok,
         moe_layer_freq=pattern,
         normalization="RMSNorm",
         layernorm_epsilon=c.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        qk_layernorm=True,
+        qk_layernorm=not mixtral,
     )
     if not deepseek:
         fields.update(num_query_groups=c.num_key_value_heads, kv_channels=c.head_dim)
@@ -232,8 +257,9 @@ def load_hf_weights(model: Any, hf: Any) -> None:
         else:
             heads, groups = c.num_attention_heads, c.num_key_value_heads
             out[p + "self_attention.linear_qkv.weight"] = _qkv(attn, heads, groups, c.head_dim)
-            out[p + "self_attention.q_layernorm.weight"] = attn.q_norm.weight
-            out[p + "self_attention.k_layernorm.weight"] = attn.k_norm.weight
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm of q and k
+                out[p + "self_attention.q_layernorm.weight"] = attn.q_norm.weight
+                out[p + "self_attention.k_layernorm.weight"] = attn.k_norm.weight
         if hasattr(mlp, "experts"):
             out[p + "mlp.router.weight"] = mlp.gate.weight
             for e in range(mlp.experts.gate_up_proj.shape[0]):

@@ -1,7 +1,7 @@
 # Parity with an independent implementation: Hugging Face transformers plays the inference
-# engine. Tiny random fp32 Qwen3-MoE and DeepSeek-V3 (MLA, sigmoid + e_score_correction_bias,
-# group-limited top-k, shared expert, dense first layer) are converted into Megatron-Core
-# GPTModels with apply_pr2 (tests/hf_convert.py) and checked:
+# engine. Tiny random fp32 Qwen3-MoE, DeepSeek-V3 (MLA, sigmoid + e_score_correction_bias,
+# group-limited top-k, shared expert, dense first layer) and Mixtral are converted into
+# Megatron-Core GPTModels with apply_pr2 (tests/hf_convert.py) and checked:
 #   a. live forward: logits within LOGIT_TOL and the per-layer top-k experts identical, token
 #      by token (HF router top-k captured with forward hooks);
 #   b. R3: the HF routes, written in vLLM's in-process, vLLM HTTP (.npy base64) and SGLang
@@ -118,11 +118,14 @@ def drift(model, scale):
             )
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+DENSE_LAYERS = {"qwen3_moe": (0,), "deepseek_v3": (0,), "mixtral": ()}
+
+
+@pytest.mark.parametrize("arch", sorted(DENSE_LAYERS))
 def test_hf_parity_and_r3_replay(arch) -> None:
     import hf_convert
 
-    hf = {"qwen3_moe": hf_convert.qwen3_moe_hf, "deepseek_v3": hf_convert.deepseek_v3_hf}[arch]()
+    hf = getattr(hf_convert, f"{arch}_hf")()
     ids = torch.randint(0, hf_convert.VOCAB, (B, S), generator=torch.Generator().manual_seed(3))
     hf_logits, hf_topk = hf_forward(hf, ids)
     with single_rank():  # CPU patches first: megatron-core 0.19 imports triton otherwise
@@ -132,7 +135,9 @@ def test_hf_parity_and_r3_replay(arch) -> None:
         model, config = hf_convert.megatron_model(hf, missing_route_policy="fallback")
         layout = EngineLayout.from_hf_config(hf.config)
         assert layout == EngineLayout.from_megatron_config(config)
-        assert layout.dense_layers == (0,) and sorted(hf_topk) == list(layout.moe_layers)
+        assert layout.dense_layers == DENSE_LAYERS[arch] and sorted(hf_topk) == list(
+            layout.moe_layers
+        )
 
         # (a) live forward
         logits, topk = megatron_forward(model, ids, layout.moe_layers)
