@@ -24,7 +24,7 @@ from single_rank import single_rank
 
 B, S = 2, 10
 PROMPT = 4  # prompt tokens of each sequence (the rest is "generated")
-LOGIT_TOL = 1e-4  # max |megatron - hf| / max |hf| over the logits (measured ~1e-6 in fp32)
+LOGIT_TOL = 1e-5  # max |megatron - hf| / max |hf| of the logits; measured 3e-7 to 7e-7 (fp32)
 
 
 def hf_forward(hf, ids):
