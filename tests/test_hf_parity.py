@@ -141,6 +141,7 @@ def test_hf_parity_and_r3_replay(arch) -> None:
 
         # (a) live forward
         logits, topk = megatron_forward(model, ids, layout.moe_layers)
+        print(f"{arch}: logits max relative error {rel_err(logits, hf_logits):.1e}")
         assert rel_err(logits, hf_logits) < LOGIT_TOL
         for layer in layout.moe_layers:
             assert torch.equal(topk[layer], hf_topk[layer]), f"layer {layer}"
