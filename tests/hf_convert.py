@@ -123,6 +123,8 @@ def megatron_config(hf: Any) -> Any:
     from harness import make_moe_config
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+    from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS
+
     c = hf.config
     deepseek, mixtral = c.model_type == "deepseek_v3", c.model_type == "mixtral"
     layers = range(c.num_hidden_layers)
@@ -166,39 +168,14 @@ def megatron_config(hf: Any) -> Any:
         rotary_base=c.rope_parameters["rope_theta"],
         rotary_scaling_factor=1.0,
     )
-    base = make_moe_config(**{k: v for k, v in fields.items() if k not in _MLA_ONLY})
-    values = {f: getattr(base, f) for f in base.__dataclass_fields__ if f in _PLAIN}
-    values.update(fields)
-    return MLATransformerConfig(**values)
-
-
-_MLA_ONLY = {
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_head_dim",
-    "qk_pos_emb_head_dim",
-    "v_head_dim",
-    "rope_type",
-    "rotary_base",
-    "rotary_scaling_factor",
-}
-_PLAIN = {
-    "moe_token_dispatcher_type",
-    "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff",
-    "add_bias_linear",
-    "hidden_dropout",
-    "attention_dropout",
-    "params_dtype",
-    "bf16",
-    "fp16",
-    "gradient_accumulation_fusion",
-    "bias_activation_fusion",
-    "bias_dropout_fusion",
-    "masked_softmax_fusion",
-    "persist_layer_norm",
-    "apply_rope_fusion",
-}
+    return MLATransformerConfig(
+        **PLAIN_CONFIG_FIELDS,
+        params_dtype=torch.float32,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        **fields,
+    )
 
 
 def megatron_model(hf: Any, **pr2_fields: Any) -> Tuple[Any, Any]:
