@@ -1,5 +1,6 @@
-# Tiny Hugging Face transformers MoE models (Qwen3-MoE, DeepSeek-V3, Mixtral) and their weights mapped
-# into Megatron-Core GPTModels built with apply_pr2 on the local spec (tests/test_hf_parity.py).
+# Tiny Hugging Face transformers MoE models (Qwen3-MoE, DeepSeek-V3, Mixtral) and their weights
+# mapped into Megatron-Core GPTModels built with apply_pr2 on the local spec
+# (tests/test_hf_parity.py).
 #
 # Shapes: HF hidden states [B, S, H] (batch-major); Megatron [S, B, H]. HF routers see the
 # flattened [B * S] tokens, Megatron routers [S * B]. Megatron's fused QKV weight is grouped per
