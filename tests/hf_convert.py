@@ -1,5 +1,6 @@
-# Tiny Hugging Face transformers MoE models (Qwen3-MoE, DeepSeek-V3) and their weights mapped
-# into Megatron-Core GPTModels built with apply_pr2 on the local spec (tests/test_hf_parity.py).
+# Tiny Hugging Face transformers MoE models (Qwen3-MoE, DeepSeek-V3, Mixtral) and their weights
+# mapped into Megatron-Core GPTModels built with apply_pr2 on the local spec
+# (tests/test_hf_parity.py).
 #
 # Shapes: HF hidden states [B, S, H] (batch-major); Megatron [S, B, H]. HF routers see the
 # flattened [B * S] tokens, Megatron routers [S * B]. Megatron's fused QKV weight is grouped per
@@ -7,12 +8,11 @@
 # HF gate_up_proj [E, 2I, H] (gate rows first) is Megatron's SwiGLU linear_fc1 [2I, H].
 # Rotary embeddings: plain RoPE (rope_type "default" / "rope"); DeepSeek keeps HF's
 # rope_interleave=True, which is what Megatron's MLA rope does (de-interleave, rotate_half).
+# Build the HF models first; megatron_model() runs inside single_rank() (CPU patches applied).
 
 from typing import Any, Dict, Tuple
 
 import torch
-
-from megatron_pr2 import PR2Config, apply_pr2
 
 VOCAB, HIDDEN, HEADS = 64, 32, 4
 
@@ -42,6 +42,29 @@ def qwen3_moe_hf(seed: int = 0) -> Any:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     return _init(Qwen3MoeForCausalLM(config), seed)
+
+
+def mixtral_hf(seed: int = 0) -> Any:
+    """Mixtral: 2 layers, all MoE, 8 experts top-2 (softmax, renormalised top-k), GQA 4/2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return _init(MixtralForCausalLM(config), seed)
 
 
 def deepseek_v3_hf(seed: int = 0) -> Any:
@@ -101,27 +124,31 @@ def megatron_config(hf: Any) -> Any:
     from harness import make_moe_config
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+    from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS
+
     c = hf.config
-    deepseek = c.model_type == "deepseek_v3"
-    pattern = (
-        [1 if i >= c.first_k_dense_replace else 0 for i in range(c.num_hidden_layers)]
-        if deepseek
-        else [0 if i in c.mlp_only_layers else 1 for i in range(c.num_hidden_layers)]
-    )
+    deepseek, mixtral = c.model_type == "deepseek_v3", c.model_type == "mixtral"
+    layers = range(c.num_hidden_layers)
+    if deepseek:
+        pattern = [1 if i >= c.first_k_dense_replace else 0 for i in layers]
+    else:
+        pattern = [0 if i in getattr(c, "mlp_only_layers", ()) else 1 for i in layers]
     fields: Dict[str, Any] = dict(
         num_layers=c.num_hidden_layers,
         hidden_size=c.hidden_size,
         num_attention_heads=c.num_attention_heads,
         ffn_hidden_size=c.intermediate_size,
-        moe_ffn_hidden_size=c.moe_intermediate_size,
-        num_moe_experts=c.num_experts if not deepseek else c.n_routed_experts,
+        moe_ffn_hidden_size=c.intermediate_size if mixtral else c.moe_intermediate_size,
+        num_moe_experts=(
+            c.num_local_experts if mixtral else (c.n_routed_experts if deepseek else c.num_experts)
+        ),
         moe_router_topk=c.num_experts_per_tok,
         moe_layer_freq=pattern,
         normalization="RMSNorm",
         layernorm_epsilon=c.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        qk_layernorm=True,
+        qk_layernorm=not mixtral,
     )
     if not deepseek:
         fields.update(num_query_groups=c.num_key_value_heads, kv_channels=c.head_dim)
@@ -142,45 +169,22 @@ def megatron_config(hf: Any) -> Any:
         rotary_base=c.rope_parameters["rope_theta"],
         rotary_scaling_factor=1.0,
     )
-    base = make_moe_config(**{k: v for k, v in fields.items() if k not in _MLA_ONLY})
-    values = {f: getattr(base, f) for f in base.__dataclass_fields__ if f in _PLAIN}
-    values.update(fields)
-    return MLATransformerConfig(**values)
-
-
-_MLA_ONLY = {
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_head_dim",
-    "qk_pos_emb_head_dim",
-    "v_head_dim",
-    "rope_type",
-    "rotary_base",
-    "rotary_scaling_factor",
-}
-_PLAIN = {
-    "moe_token_dispatcher_type",
-    "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff",
-    "add_bias_linear",
-    "hidden_dropout",
-    "attention_dropout",
-    "params_dtype",
-    "bf16",
-    "fp16",
-    "gradient_accumulation_fusion",
-    "bias_activation_fusion",
-    "bias_dropout_fusion",
-    "masked_softmax_fusion",
-    "persist_layer_norm",
-    "apply_rope_fusion",
-}
+    return MLATransformerConfig(
+        **PLAIN_CONFIG_FIELDS,
+        params_dtype=torch.float32,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        **fields,
+    )
 
 
 def megatron_model(hf: Any, **pr2_fields: Any) -> Tuple[Any, Any]:
     """A PR2 Megatron GPTModel (local decoder block spec) with the HF model's weights."""
     from harness import build_tiny_gpt
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_pr2 import PR2Config, apply_pr2  # after the CPU patches (0.19 needs them)
 
     config = megatron_config(hf)
     spec = apply_pr2(
@@ -231,8 +235,9 @@ def load_hf_weights(model: Any, hf: Any) -> None:
         else:
             heads, groups = c.num_attention_heads, c.num_key_value_heads
             out[p + "self_attention.linear_qkv.weight"] = _qkv(attn, heads, groups, c.head_dim)
-            out[p + "self_attention.q_layernorm.weight"] = attn.q_norm.weight
-            out[p + "self_attention.k_layernorm.weight"] = attn.k_norm.weight
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm of q and k
+                out[p + "self_attention.q_layernorm.weight"] = attn.q_norm.weight
+                out[p + "self_attention.k_layernorm.weight"] = attn.k_norm.weight
         if hasattr(mlp, "experts"):
             out[p + "mlp.router.weight"] = mlp.gate.weight
             for e in range(mlp.experts.gate_up_proj.shape[0]):
