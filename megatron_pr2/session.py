@@ -17,12 +17,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_pr2.config import PR2Config, stride_for
+from megatron_pr2.config import PR2Config
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.collectives import raise_on_any_rank
-from megatron_pr2.parallel.layers import moe_layer_pattern
+from megatron_pr2.records import assemble_record, cache_rows
 from megatron_pr2.router import PR2Router, Recorded, RouteAnswer
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.routes import RouteBatch, TokenLayout
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -31,41 +31,6 @@ MODES = ("off", "record", "predict_record", "replay")
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, i.e. for activation recompute forwards."""
     return torch._C._current_graph_task_id() != -1
-
-
-def cache_rows(
-    layout: TokenLayout,
-    cache_tokens_per_sequence: int,
-    eligible: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence.
-
-    eligible: [B, S] bool in canonical order (token b * S + s), True where a token may train
-    the predictor (e.g. the loss mask: never padding or post-EOS tokens). The stride then runs
-    over each sequence's eligible tokens, so a sequence keeps up to cache_tokens_per_sequence of
-    them. Computed on the whole microbatch, so every rank of a token-split layout agrees."""
-    if eligible is None:
-        stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
-        if stride is None:
-            return torch.zeros(0, dtype=torch.int64)
-        position = layout.token_index % layout.seq_length
-        return torch.nonzero(position % stride == 0).squeeze(1)
-    eligible = eligible.detach().to("cpu", torch.bool)
-    if eligible.dim() != 2 or eligible.numel() != layout.num_tokens:
-        raise ValueError(
-            f"routing cache_mask of shape {tuple(eligible.shape)}: expected [batch, seq] with "
-            f"{layout.num_tokens} tokens (seq_length {layout.seq_length})"
-        )
-    if cache_tokens_per_sequence == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    count = eligible.sum(dim=1, keepdim=True)  # [B, 1] eligible tokens per sequence
-    if cache_tokens_per_sequence == -1:
-        stride = torch.ones_like(count)
-    else:
-        stride = (-(-count // cache_tokens_per_sequence)).clamp(min=1)
-    rank = torch.cumsum(eligible.long(), dim=1) - 1  # position among the eligible tokens
-    keep = (eligible & (rank % stride == 0)).reshape(-1)
-    return torch.nonzero(keep[layout.token_index]).squeeze(1)
 
 
 @dataclass
@@ -406,45 +371,16 @@ class RoutingSession:
     def recorded_routes(self) -> List[RouteBatch]:
         """One RouteBatch per recorded microbatch (canonical order when this rank saw it all)."""
         routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
-        layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
-        config = routers[0].config
-        all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
-        out = []
-        for microbatch in range(self.states[id(routers[0])].forward_calls):
-            records = [self.states[id(r)].recorded[microbatch] for r in routers]
-            layout = self._layouts[microbatch]
-            indices = torch.stack([rec.top_indices for rec in records], dim=1).cpu()
-            dropped = None
-            if records[0].dropped is not None:
-                dropped = torch.stack([rec.dropped for rec in records], dim=1).cpu()
-            cache = None
-            if records[0].hidden is not None:
-                rows = self._cache_rows[microbatch].cpu()
-                cache = PredictorCache(
-                    token_index=layout.token_index[rows],
-                    hidden=torch.stack([rec.hidden for rec in records], dim=1).cpu(),
-                    logits=torch.stack([rec.logits for rec in records], dim=1).cpu(),
-                )
-            token_index = layout.token_index
-            if layout.is_full():
-                # This rank saw every token: store rows in canonical order.
-                order = torch.argsort(token_index)
-                indices = indices[order]
-                dropped = None if dropped is None else dropped[order]
-                token_index = None
-            out.append(
-                RouteBatch(
-                    indices,
-                    config.num_moe_experts,
-                    dropped=dropped,
-                    token_index=token_index,
-                    layer_index=None if all_layers else layer_ids,
-                    num_tokens=layout.num_tokens,
-                    seq_length=layout.seq_length,
-                    cache=cache,
-                )
+        calls = self.states[id(routers[0])].forward_calls
+        return [
+            assemble_record(
+                routers,
+                [self.states[id(r)].recorded[m] for r in routers],
+                self._layouts[m],
+                self._cache_rows.get(m),
             )
-        return out
+            for m in range(calls)
+        ]
 
     def metrics(self) -> Dict[str, torch.Tensor]:
         """Per-layer means over the replayed tokens: name -> [L_local] (NaN where not measured)."""

@@ -1,0 +1,91 @@
+# What a record pass produces: which router rows the predictor cache keeps, and one recorded
+# microbatch of a rank's routers assembled into a RouteBatch.
+#
+# Shapes: T_local router rows of one microbatch on this rank, L_local MoE layers of this rank, k
+# top-k, C_local cached rows, H hidden, E experts.
+
+from typing import List, Optional
+
+import torch
+
+from megatron_pr2.config import stride_for
+from megatron_pr2.parallel.layers import moe_layer_pattern
+from megatron_pr2.router import PR2Router, Recorded
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+
+
+def cache_rows(
+    layout: TokenLayout,
+    cache_tokens_per_sequence: int,
+    eligible: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence.
+
+    eligible: [B, S] bool in canonical order (token b * S + s), True where a token may train
+    the predictor (e.g. the loss mask: never padding or post-EOS tokens). The stride then runs
+    over each sequence's eligible tokens, so a sequence keeps up to cache_tokens_per_sequence of
+    them. Computed on the whole microbatch, so every rank of a token-split layout agrees."""
+    if eligible is None:
+        stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
+        if stride is None:
+            return torch.zeros(0, dtype=torch.int64)
+        position = layout.token_index % layout.seq_length
+        return torch.nonzero(position % stride == 0).squeeze(1)
+    eligible = eligible.detach().to("cpu", torch.bool)
+    if eligible.dim() != 2 or eligible.numel() != layout.num_tokens:
+        raise ValueError(
+            f"routing cache_mask of shape {tuple(eligible.shape)}: expected [batch, seq] with "
+            f"{layout.num_tokens} tokens (seq_length {layout.seq_length})"
+        )
+    if cache_tokens_per_sequence == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    count = eligible.sum(dim=1, keepdim=True)  # [B, 1] eligible tokens per sequence
+    if cache_tokens_per_sequence == -1:
+        stride = torch.ones_like(count)
+    else:
+        stride = (-(-count // cache_tokens_per_sequence)).clamp(min=1)
+    rank = torch.cumsum(eligible.long(), dim=1) - 1  # position among the eligible tokens
+    keep = (eligible & (rank % stride == 0)).reshape(-1)
+    return torch.nonzero(keep[layout.token_index]).squeeze(1)
+
+
+def assemble_record(
+    routers: List[PR2Router],
+    records: List[Recorded],
+    layout: TokenLayout,
+    cached_rows: Optional[torch.Tensor],
+) -> RouteBatch:
+    """The RouteBatch of one microbatch from the records of `routers` (sorted by MoE-layer id):
+    indices [T_local, L_local, k] in canonical token order when this rank saw every token."""
+    layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+    config = routers[0].config
+    all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
+    indices = torch.stack([rec.top_indices for rec in records], dim=1).cpu()
+    dropped = None
+    if records[0].dropped is not None:
+        dropped = torch.stack([rec.dropped for rec in records], dim=1).cpu()
+    cache = None
+    if records[0].hidden is not None:
+        rows = cached_rows.cpu()
+        cache = PredictorCache(
+            token_index=layout.token_index[rows],
+            hidden=torch.stack([rec.hidden for rec in records], dim=1).cpu(),
+            logits=torch.stack([rec.logits for rec in records], dim=1).cpu(),
+        )
+    token_index = layout.token_index
+    if layout.is_full():
+        # This rank saw every token: store rows in canonical order.
+        order = torch.argsort(token_index)
+        indices = indices[order]
+        dropped = None if dropped is None else dropped[order]
+        token_index = None
+    return RouteBatch(
+        indices,
+        config.num_moe_experts,
+        dropped=dropped,
+        token_index=token_index,
+        layer_index=None if all_layers else layer_ids,
+        num_tokens=layout.num_tokens,
+        seq_length=layout.seq_length,
+        cache=cache,
+    )
