@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -222,6 +223,108 @@ def test_resume_reproduces_next_steps(setup, tmp_path):
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3]
 
 
+def test_resume_survives_a_torn_metrics_line_and_a_truncated_checkpoint(setup, tmp_path):
+    cfg = micro_rl_config("pr2", steps=3, checkpoint_interval=1)
+    straight = make_trainer(setup, cfg, tmp_path / "straight").train(progress=False)
+
+    run_dir = tmp_path / "crashed"
+    make_trainer(setup, cfg, run_dir).train(progress=False, stop_after=2)
+    # A crash while saving step 2 and while logging the next line: half a checkpoint file and
+    # half a JSON line.
+    newest = run_dir / "checkpoints" / "step_000002" / "rank000.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with open(run_dir / "tb" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "rl/rew')
+    resumed_trainer = make_trainer(setup, cfg, run_dir)
+    with pytest.warns(UserWarning) as caught:
+        resumed = resumed_trainer.train(progress=False)
+    messages = [str(w.message) for w in caught]
+    previous = str(run_dir / "checkpoints" / "step_000001")
+    assert any(
+        "step_000002 is unreadable (" in m and m.endswith(f"falling back to {previous}")
+        for m in messages
+    ), messages
+    assert any("dropping a torn last line 3" in m for m in messages), messages
+    # Resumed from step 1, the run reproduces the uninterrupted one exactly.
+    assert [r["step"] for r in resumed] == [1, 2]
+    for a, b in zip(straight[1:], resumed):
+        assert _no_time(a) == _no_time(b)
+    with open(run_dir / "tb" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2]
+
+
+def test_checkpoint_candidates_and_fallback(tmp_path):
+    from megatron_pr2.rl.checkpoint import checkpoint_candidates, newest_readable
+
+    root = tmp_path / "checkpoints"
+    assert checkpoint_candidates(str(root)) == []
+    assert newest_readable([], torch.load, torch.device("cpu")) is None
+    for step in (1, 2, 3):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        torch.save({"step": step}, root / f"step_{step:06d}" / "state.pt")
+    # latest.json names step 2 (step 3 was never completed): it comes first.
+    (root / "latest.json").write_text(json.dumps({"step": 2, "path": str(root / "step_000002")}))
+    names = [os.path.basename(p) for p in checkpoint_candidates(str(root))]
+    assert names == ["step_000002", "step_000003", "step_000001"]
+    (root / "latest.json").write_text('{"step": 3, "pa')  # torn
+    with pytest.warns(UserWarning, match="latest.json is unreadable"):
+        names = [os.path.basename(p) for p in checkpoint_candidates(str(root))]
+    assert names == ["step_000003", "step_000002", "step_000001"]
+
+    def read(path):
+        return torch.load(os.path.join(path, "state.pt"))
+
+    (root / "step_000003" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="step_000003 is unreadable .* falling back to .*_000002"):
+        path, state = newest_readable(checkpoint_candidates(str(root)), read, torch.device("cpu"))
+    assert state == {"step": 2} and path.endswith("step_000002")
+    for step in (1, 2):
+        (root / f"step_{step:06d}" / "state.pt").unlink()
+    with pytest.warns(UserWarning, match="no earlier checkpoint"):
+        with pytest.raises(RuntimeError, match="no readable checkpoint among"):
+            newest_readable(checkpoint_candidates(str(root)), read, torch.device("cpu"))
+
+
+def test_metrics_history_tolerates_only_a_torn_last_line(tmp_path):
+    from megatron_pr2.rl.metrics import read_history
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "a": 1.0}\n{"step": 1, "a": 2.0}\n{"step": 2, "a"')
+    with pytest.warns(UserWarning, match="dropping a torn last line 3"):
+        assert [row["step"] for _, row in read_history(str(path))] == [0, 1]
+    # A complete-looking last line without its newline was cut too: the writer always ends
+    # a row with one.
+    path.write_text('{"step": 0, "a": 1.0}\n{"step": 1}')
+    with pytest.warns(UserWarning, match="torn last line 2"):
+        assert [row["step"] for _, row in read_history(str(path))] == [0]
+    path.write_text('{"step": 0, "a": 1.0}\n{"step": 1, "a\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not a JSON metrics row"):
+        read_history(str(path))
+
+
+def test_stock_initial_state_starts_the_predictor_at_zero_and_says_so(setup, tmp_path, caplog):
+    stock = {k: v for k, v in setup["state"].items() if ".predictor." not in k}
+    assert len(stock) < len(setup["state"])
+    caplog.set_level(logging.WARNING, logger="megatron_pr2.checkpointing")
+    from megatron_pr2.rl.loop import RLTrainer
+
+    trainer = RLTrainer(
+        micro_rl_config("pr2", steps=1),
+        setup["model_cfg"],
+        setup["task"],
+        setup["tokenizer"],
+        str(tmp_path),
+        init_state=stock,
+    )
+    messages = [r.getMessage() for r in caplog.records if r.name == "megatron_pr2.checkpointing"]
+    assert len(messages) == 1 and "the initial state has no PR2 predictor weights" in messages[0]
+    assert "zero" in messages[0]
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in stock.items() if isinstance(v, torch.Tensor))
+    pred = [v for k, v in state.items() if ".predictor." in k]
+    assert pred and all(float(v.abs().sum()) == 0 for v in pred)
+
+
 def test_resume_refuses_a_different_config(setup, tmp_path):
     make_trainer(setup, micro_rl_config("r2", steps=1), tmp_path).train(progress=False)
     trainer = make_trainer(setup, micro_rl_config("r2", steps=2, lr=5e-4), tmp_path)
@@ -330,6 +433,53 @@ def test_ep2_two_ranks_matches_ep1(tmp_path):
             assert torch.equal(value, r0["reloaded"][name]), name
     # The predictor trained (pr2-r3, N = 2).
     assert any(float(v.abs().sum()) > 0 for k, v in r0[2]["full"].items() if ".predictor." in k)
+
+
+def _two_rank_fallback(root: str):
+    """EP2: only rank 1's file of the newest checkpoint is truncated; both ranks must resume
+    from the previous checkpoint (rank 0 alone could read the newest)."""
+    import warnings
+
+    import torch.distributed as dist
+    from harness import init_megatron_parallel
+
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron_pr2.rl.loop import RLTrainer
+    from megatron_pr2.rl.model import ModelConfig
+
+    task = ArithmeticTask(TaskConfig(num_digits=2))
+    tokenizer = TaskTokenizer(os.path.join(root, "tok.model"))
+    model_cfg = ModelConfig(**MICRO_MODEL)
+    run_dir = os.path.join(root, "run")
+    cfg = micro_rl_config("pr2", steps=3, checkpoint_interval=1)
+    with init_megatron_parallel(ep=2, seed=0):
+        RLTrainer(cfg, model_cfg, task, tokenizer, run_dir).train(progress=False, stop_after=2)
+        if dist.get_rank() == 1:
+            file = os.path.join(run_dir, "checkpoints", "step_000002", "rank001.pt")
+            with open(file, "r+b") as f:
+                f.truncate(os.path.getsize(file) // 2)
+        dist.barrier()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed = RLTrainer(cfg, model_cfg, task, tokenizer, run_dir).train(progress=False)
+    return {
+        "steps": [r["step"] for r in resumed],
+        "warnings": [str(w.message) for w in caught if "checkpoint" in str(w.message)],
+    }
+
+
+def test_ranks_agree_on_the_checkpoint_they_fall_back_to(tmp_path):
+    from harness import run_distributed
+
+    task = ArithmeticTask(TaskConfig(num_digits=2))
+    train_tokenizer(task.corpus(seed=0, n=3000), str(tmp_path / "tok"), 64)
+    r0, r1 = run_distributed(_two_rank_fallback, 2, str(tmp_path))
+    assert r0["steps"] == r1["steps"] == [1, 2]
+    assert any("step_000002 is unreadable on another rank" in m for m in r0["warnings"]), r0
+    assert any("step_000002 is unreadable (" in m for m in r1["warnings"]), r1
+    assert all("falling back to" in m for m in r0["warnings"] + r1["warnings"])
 
 
 def test_rl_config_roundtrips_through_asdict():

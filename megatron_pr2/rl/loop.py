@@ -34,6 +34,7 @@ from megatron_pr2.model_index import pr2_routers
 from megatron_pr2.optim import is_predictor_param, predictor_step_frozen
 from megatron_pr2.phases import STRATEGIES as MODES
 from megatron_pr2.phases import strategy_modes
+from megatron_pr2.rl.checkpoint import checkpoint_candidates, newest_readable
 from megatron_pr2.rl.grpo import PolicyLossConfig, grpo_advantages, policy_loss
 from megatron_pr2.rl.metrics import MetricsWriter, StepMetrics
 from megatron_pr2.rl.model import (
@@ -450,12 +451,15 @@ class RLTrainer:
             os.replace(latest + ".tmp", latest)
         return path
 
-    def load_checkpoint(self, path: str) -> None:
-        state = torch.load(
-            os.path.join(path, f"rank{self.rank:03d}.pt"),
-            map_location="cpu",
-            weights_only=False,
+    def _read_checkpoint(self, path: str) -> dict:
+        return torch.load(
+            os.path.join(path, f"rank{self.rank:03d}.pt"), map_location="cpu", weights_only=False
         )
+
+    def load_checkpoint(self, path: str, state: Optional[dict] = None) -> None:
+        """Restore the run from checkpoint `path` (`state`: its file, already read)."""
+        if state is None:
+            state = self._read_checkpoint(path)
         saved = state["config"]
         now = _jsonable(dataclasses.asdict(self.cfg))
         diff = sorted(
@@ -481,6 +485,20 @@ class RLTrainer:
         with open(latest) as f:
             return json.load(f)["path"]
 
+    def resume(self) -> Optional[str]:
+        """Load the newest checkpoint that every rank can read (see rl/checkpoint.py); return
+        its path, or None when the run has none."""
+        found = newest_readable(
+            checkpoint_candidates(os.path.join(self.run_dir, "checkpoints")),
+            self._read_checkpoint,
+            self.device,
+        )
+        if found is None:
+            return None
+        path, state = found
+        self.load_checkpoint(path, state)
+        return path
+
     # -- driver ------------------------------------------------------------------------------
     def train(
         self,
@@ -496,9 +514,7 @@ class RLTrainer:
         CPU traces go to <run_dir>/profile/. Returns the per-step metric dicts run here.
         """
         if resume:
-            path = self.latest_checkpoint()
-            if path is not None:
-                self.load_checkpoint(path)
+            if self.resume() is not None:
                 self.log(
                     f"[{self.cfg.mode} seed {self.cfg.seed}] resumed at step {self.step_index}"
                 )

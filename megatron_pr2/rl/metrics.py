@@ -8,8 +8,9 @@
 
 import json
 import os
+import warnings
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,7 +93,11 @@ class StepMetrics:
 
 
 class MetricsWriter:
-    """Writes reduced step metrics to TensorBoard and a JSONL history (rank 0 only)."""
+    """Writes reduced step metrics to TensorBoard and a JSONL history (rank 0 only).
+
+    Each step is appended as one whole line with a single write, then flushed and synced, so a
+    crash leaves at most a torn last line; resume drops it with a warning.
+    """
 
     def __init__(self, log_dir: str, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
@@ -104,12 +109,15 @@ class MetricsWriter:
         # On resume drop history lines of steps after the checkpoint (a killed run may have
         # logged steps it never checkpointed); TensorBoard purges them with purge_step.
         if os.path.exists(self.history_path):
-            with open(self.history_path) as f:
-                kept = [
-                    line for line in f if line.strip() and json.loads(line)["step"] < resume_step
-                ]
-            with open(self.history_path, "w") as f:
+            kept = [
+                line for line, row in read_history(self.history_path) if row["step"] < resume_step
+            ]
+            tmp = self.history_path + ".tmp"
+            with open(tmp, "w") as f:
                 f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.history_path)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=log_dir, purge_step=resume_step if resume_step else None)
@@ -120,9 +128,42 @@ class MetricsWriter:
         for name, value in sorted(metrics.items()):
             self.tb.add_scalar(name, value, step)
         self.tb.flush()
+        line = json.dumps({"step": step, **metrics}) + "\n"
         with open(self.history_path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_history(path: str) -> List[Tuple[str, dict]]:
+    """(line, parsed row) of every complete line of a metrics.jsonl.
+
+    A last line without its newline or not valid JSON is what a crash mid-write leaves: it is
+    skipped with a warning. An unreadable line before the last one is corruption: ValueError.
+    """
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        last = number == len(lines)
+        try:
+            row = json.loads(line)
+            if not line.endswith("\n"):
+                raise ValueError("no newline")
+        except ValueError as error:
+            if not last:
+                raise ValueError(f"{path}: line {number} is not a JSON metrics row ({error})")
+            warnings.warn(
+                f"{path}: dropping a torn last line {number} ({len(line)} characters, a crash "
+                f"mid-write): {line[:80]!r}",
+                stacklevel=2,
+            )
+            continue
+        rows.append((line, row))
+    return rows

@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_pr2.checkpointing import PREDICTOR_KEY, report_absent_predictors
 from megatron_pr2.compat import reset_moe_metrics
 from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS
 
@@ -319,18 +320,22 @@ def full_state_dict(model: torch.nn.Module) -> dict:
 def load_full_state_dict(model: torch.nn.Module, full: dict) -> None:
     """Load a full_state_dict() into a model of any expert-parallel size.
 
-    Every policy entry must be present. PR2 predictor entries of another predictor kind (a warm
-    start saved with `linear`, loaded with `lowrank`) are absent: those predictors keep their
-    zero-offset initialisation, so the run still starts as plain R2.
+    Every policy entry must be present. PR2 predictor entries may be absent (a stock model's
+    state, or a warm start saved with another predictor kind, e.g. `linear` loaded into
+    `lowrank`): those predictors keep their zero-offset initialisation, so the run still starts
+    as plain R2, and a warning says so.
     """
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     n_local = _num_local_experts(model)
-    local = {}
+    local, absent = {}, []
     for key in model.state_dict():
         m = _EXPERT_KEY.match(key)
         src = f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}" if m else key
         if src in full:
             local[key] = full[src]
-        elif ".predictor." not in key:
+        elif PREDICTOR_KEY in f".{key}":
+            absent.append(key)
+        else:
             raise ValueError(f"full state dict has no entry {src} (for {key})")
     model.load_state_dict(local, strict=False)
+    report_absent_predictors("the initial state", absent)
