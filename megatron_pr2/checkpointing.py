@@ -23,10 +23,10 @@ def report_absent_predictors(source: str, keys: List[str]) -> None:
     if not keys:
         return
     logger.warning(
-        "%s has no PR2 predictor weights (%d entries absent, e.g. %s), as a checkpoint of a stock "
-        "Megatron model: those predictors keep their zero initialisation, so PR2 starts exactly "
-        "as plain routing replay (R2) and trains the predictor from here on. The next checkpoint "
-        "saves them.",
+        "%s has no PR2 predictor weights (%d entries absent, e.g. %s), as saved from a stock "
+        "Megatron model or another predictor kind: those predictors keep their zero "
+        "initialisation, so PR2 starts exactly as plain routing replay (R2) and trains the "
+        "predictor from here on. The next checkpoint saves them.",
         source,
         len(keys),
         keys[0],
@@ -65,7 +65,8 @@ def drop_absent_predictor_entries(
 
     saved = set(dist_checkpointing.load_tensors_metadata(checkpoint_dir))
     absent = []
-    for path, tensor in _sharded_tensors(sharded_state_dict):
+    # Last first: deleting from a list parent must not shift the indices still to visit.
+    for path, tensor in reversed(_sharded_tensors(sharded_state_dict)):
         if PREDICTOR_KEY in f".{tensor.key}" and tensor.key not in saved:
             parent = sharded_state_dict
             for name in path[:-1]:
