@@ -29,8 +29,8 @@ def _tokens(config, seq=8, batch=3, seed=0):
 
 # -- the cache keeps only eligible tokens -------------------------------------------------------
 def test_cache_rows_stride_over_eligible_tokens():
-    from megatron_pr2.routes import TokenLayout
     from megatron_pr2.records import cache_rows
+    from megatron_pr2.routes import TokenLayout
 
     layout = TokenLayout.full(6, 2)  # router row s * 2 + b holds canonical token b * 6 + s
     eligible = torch.tensor(
