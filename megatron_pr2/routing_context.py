@@ -103,7 +103,7 @@ def routing(
     """
     if mode not in MODES:
         raise ValueError(f"routing mode={mode!r}: must be one of {MODES}")
-    if not isinstance(ministep, int) or ministep < 1:
+    if not isinstance(ministep, int) or isinstance(ministep, bool) or ministep < 1:
         raise ValueError(f"routing ministep={ministep!r}: must be an integer >= 1")
     if dispatch_plan and mode != "replay":
         raise ValueError(f"routing dispatch_plan=True needs mode='replay', not {mode!r}")

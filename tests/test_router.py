@@ -5,6 +5,7 @@
 # the record pass and the replay pass, so a replay that silently re-routes would be caught.
 
 import copy
+import re
 
 import pytest
 import torch
@@ -560,4 +561,23 @@ def test_routing_refuses_models_without_pr2_routers(pg):
     stock = build_moe_layer(config, _stock_submodules(config), pg_collection=pg)
     with pytest.raises(ValueError, match="apply_pr2"):
         with routing(stock, "record"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="replays"), "routing mode='replays'"),
+        (dict(mode="replay", ministep=True), "routing ministep=True"),
+        (dict(mode="replay", ministep=0), "routing ministep=0"),
+        (dict(mode="record", dispatch_plan=True), "dispatch_plan=True needs mode='replay'"),
+        (dict(mode="replay"), "needs routes"),
+    ],
+)
+def test_routing_rejects_bad_arguments(pg, kwargs, message):
+    from megatron_pr2 import routing
+
+    _, pr2 = _layers(pg, make_moe_config())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        with routing(pr2, **kwargs):
             pass
