@@ -5,12 +5,15 @@
 #   local_layer_ids(model)             global MoE-layer ids of this rank's (virtual) stages
 #   local_layout(model, B, S, ...)     canonical token of every router row on this rank, from the
 #                                      routers' own process groups (TP rank, SP flag, CP rank)
+#   model_group(model, name)           a process group of the model's pg_collection ("pp",
+#                                      "tp_dp_cp"), else parallel_state's; also for dense stages
+#   has_moe_layer(model)               whether any module is an MoE layer (PR2 or stock)
 #
 # Shapes: a TokenLayout's token_index is [T_local] (parallel/layout.py).
 
 import weakref
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -27,6 +30,8 @@ class _ChunkIndex:
 
     routers: List[PR2Router]
     moe_layers: Dict[int, torch.nn.Module]
+    pg_collections: List[Any]  # distinct Megatron ProcessGroupCollections held by modules
+    any_moe_layer: bool  # some module is an MoE layer (a router and a token dispatcher)
 
 
 _INDEX_OF_CHUNK: "weakref.WeakKeyDictionary[torch.nn.Module, _ChunkIndex]" = (
@@ -53,6 +58,16 @@ def _chunk_indices(model: Model) -> List[_ChunkIndex]:
                     if isinstance(getattr(m, "router", None), PR2Router)
                     and hasattr(m, "token_dispatcher")
                 },
+                pg_collections=list(
+                    {
+                        id(m.pg_collection): m.pg_collection
+                        for m in modules
+                        if hasattr(m, "pg_collection")
+                    }.values()
+                ),
+                any_moe_layer=any(
+                    hasattr(m, "router") and hasattr(m, "token_dispatcher") for m in modules
+                ),
             )
             _INDEX_OF_CHUNK[chunk] = index
         indices.append(index)
@@ -67,6 +82,41 @@ def pr2_routers(model: Model) -> List[PR2Router]:
 def pr2_moe_layers(model: Model) -> Dict[int, torch.nn.Module]:
     """id(router) -> the MoE layer holding that PR2 router (routers outside one are absent)."""
     return {k: v for index in _chunk_indices(model) for k, v in index.moe_layers.items()}
+
+
+def has_moe_layer(model: Model) -> bool:
+    """True if a module of the model is an MoE layer (PR2 or stock router)."""
+    return any(index.any_moe_layer for index in _chunk_indices(model))
+
+
+def model_group(model: Model, name: str) -> Optional[Any]:
+    """Process group `name` ("pp" or "tp_dp_cp") of the model's Megatron pg_collection, else of
+    megatron.core.parallel_state (when initialised), else None. Works for a pipeline stage with
+    no MoE layer too (its GPTModel holds the collection)."""
+    for index in _chunk_indices(model):
+        for collection in index.pg_collections:
+            group = getattr(collection, name, None)
+            if group is not None:
+                return group
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if name == "pp":
+        return parallel_state.get_pipeline_model_parallel_group()
+    assert name == "tp_dp_cp", name
+    return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+def model_stage(model: Model) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """(pp_rank, pp_size, vp_size) of this rank's model, None where unknown (no pipeline group
+    and no initialised parallel state); vp_size is the number of model chunks when > 1."""
+    chunks = len(model) if isinstance(model, (list, tuple)) else 1
+    vp_size = chunks if chunks > 1 else None
+    pp = model_group(model, "pp")
+    if pp is None or not torch.distributed.is_initialized():
+        return None, None, vp_size
+    return pp.rank(), pp.size(), vp_size
 
 
 def local_layer_ids(model: Model) -> List[int]:
@@ -111,4 +161,5 @@ def local_layout(
     routers = pr2_routers(model)
     if not routers:
         raise ValueError("local_layout: the model has no PR2 routers (build it with apply_pr2)")
-    return router_layout(routers[0], batch_size, seq_length, cu_seqlens, cu_seqlens_padded)
+    layout = router_layout(routers[0], batch_size, seq_length, cu_seqlens, cu_seqlens_padded)
+    return replace(layout, identity=layout.identity.with_stage(*model_stage(model)))

@@ -10,6 +10,7 @@ import torch
 
 from megatron_pr2.config import stride_for
 from megatron_pr2.parallel.layers import moe_layer_pattern
+from megatron_pr2.parallel.sharding import shard_identity
 from megatron_pr2.router import PR2Router, Recorded
 from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 
@@ -49,14 +50,26 @@ def cache_rows(
     return torch.nonzero(keep[layout.token_index]).squeeze(1)
 
 
+def microbatch_cache_tokens(
+    layout: TokenLayout, cache_tokens_per_sequence: int, eligible: Optional[torch.Tensor] = None
+) -> int:
+    """C: tokens of the whole microbatch of `layout` that the predictor cache keeps (the sum of
+    every rank's cache_rows), recorded in a shard's identity for the loss weight C_local / C."""
+    full = TokenLayout(torch.arange(layout.num_tokens), layout.num_tokens, layout.seq_length)
+    return int(cache_rows(full, cache_tokens_per_sequence, eligible).numel())
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
     layout: TokenLayout,
     cached_rows: Optional[torch.Tensor],
+    cached_tokens: Optional[int] = None,
 ) -> RouteBatch:
     """The RouteBatch of one microbatch from the records of `routers` (sorted by MoE-layer id):
-    indices [T_local, L_local, k] in canonical token order when this rank saw every token."""
+    indices [T_local, L_local, k] in canonical token order when this rank saw every token; a
+    shard of a token-split layout carries its identity (with cached_tokens, the microbatch's
+    cache size)."""
     layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
     config = routers[0].config
     all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
@@ -73,12 +86,13 @@ def assemble_record(
             logits=torch.stack([rec.logits for rec in records], dim=1).cpu(),
         )
     token_index = layout.token_index
+    identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
     if layout.is_full():
         # This rank saw every token: store rows in canonical order.
         order = torch.argsort(token_index)
         indices = indices[order]
         dropped = None if dropped is None else dropped[order]
-        token_index = None
+        token_index, identity = None, None
     return RouteBatch(
         indices,
         config.num_moe_experts,
@@ -88,4 +102,5 @@ def assemble_record(
         num_tokens=layout.num_tokens,
         seq_length=layout.seq_length,
         cache=cache,
+        identity=identity,
     )

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from megatron_pr2.identity import LayoutIdentity, ShardIdentity
+
 MISSING = -1
 """Expert id of every slot of a token without a route (the only negative id allowed)."""
 
@@ -149,6 +151,7 @@ class RouteBatch:
         num_tokens: Optional[int] = None,
         seq_length: Optional[int] = None,
         cache: Optional[PredictorCache] = None,
+        identity: Optional[ShardIdentity] = None,
     ) -> None:
         """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts)).
 
@@ -223,6 +226,16 @@ class RouteBatch:
             )
         self.seq_length = None if seq_length is None else int(seq_length)
         self.cache = cache
+        # The layout and MoE layers a shard was cut for (shard_routes / scatter_routes set it;
+        # canonical routes have none): routing() checks it against the rank's own layout.
+        if identity is not None:
+            columns = range(self.shape[1]) if layer_index is None else layer_index.tolist()
+            if tuple(identity.layer_ids) != tuple(columns):
+                raise ValueError(
+                    f"RouteBatch identity names MoE layers {list(identity.layer_ids)}; its "
+                    f"columns hold MoE layers {list(columns)}"
+                )
+        self.identity = identity
 
     def check_tokens(self, seq_length: int, batch_size: int) -> None:
         """Raise ValueError unless these routes were recorded for an input of `batch_size`
@@ -341,7 +354,9 @@ class RouteBatch:
             f"RouteBatch(tokens={self.shape[0]}, moe_layers={self.shape[1]}, k={self.shape[2]}, "
             f"num_experts={self.num_experts}, bytes={self.nbytes}, "
             f"sharded={self.token_index is not None or self.layer_index is not None}, "
-            f"cache={'none' if self.cache is None else self.cache.token_index.numel()})"
+            f"cache={'none' if self.cache is None else self.cache.token_index.numel()}"
+            + ("" if self.identity is None else f", cut for {self.identity.describe()}")
+            + ")"
         )
 
 
@@ -356,6 +371,9 @@ class TokenLayout:
     """T: tokens of the whole (unsharded) microbatch."""
     seq_length: int
     """Canonical length of one sequence (for the predictor-cache stride)."""
+    identity: Optional[LayoutIdentity] = None
+    """The rank split this layout was made for (layout_for_rank / local_layout set it); None
+    for a layout built by hand."""
 
     @classmethod
     def full(cls, seq_length: int, batch_size: int) -> "TokenLayout":

@@ -7,15 +7,19 @@
 #
 # The context builds one RoutingSession (session.py) and hands it to every PR2 router of the
 # model; all state lives on that session and drops on exit. The handle it yields gives the
-# recorded routes and the replay telemetry.
+# recorded routes and the replay telemetry. Replay starts with the entry agreement
+# (entry_check.py validates this rank's routes, agreement.py agrees over every rank of the step).
 
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from megatron_pr2.agreement import agree, step_groups
 from megatron_pr2.dispatch_plan import DispatchPlanUnsupported, build_dispatch_plan
-from megatron_pr2.model_index import Model, pr2_routers
+from megatron_pr2.entry_check import entry_facts
+from megatron_pr2.model_index import Model, has_moe_layer, model_group, model_stage, pr2_routers
+from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import RouteBatch, TokenLayout
 from megatron_pr2.session import MODES, RoutingSession
 
@@ -71,6 +75,8 @@ def routing(
     group: Optional[torch.distributed.ProcessGroup] = None,
     dispatch_plan: Optional[bool] = None,
     cache_mask: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+    num_microbatches: Optional[int] = None,
+    pending_routes: Optional[int] = None,
 ) -> Iterator[RoutingHandle]:
     """Route the model's PR2 routers in `mode` for the forward/backward passes inside the block.
 
@@ -79,12 +85,20 @@ def routing(
     (replay `routes`, one RouteBatch per microbatch in forward order).
     ministep: 1-based mini-step of the rollout batch; the predictor loss joins the backward pass
     from PR2Config.loss_start_ministep on.
-    layout: which canonical tokens this rank routes (sharded layouts; default: all of them).
-    group: replay only; a process group whose ranks all enter this context (e.g. the world, or
-    the pipeline group). Every microbatch's routes are validated on entry and, if any rank's are
-    invalid, every rank of the group raises before the first forward. Without it, validation
-    is agreed per microbatch among the ranks of a pipeline stage (tp x dp x cp), which cannot
-    reach the other stages of a pipeline.
+    layout: which canonical tokens this rank routes (default: this rank's share, from the
+    routers' process groups; needed for packed THD routes that are not cut for the rank yet).
+    Replay entry agreement: before anything else, every microbatch's routes are validated for
+    this rank (its layout from the routers' process groups, shard identities, k, E, tokens, MoE
+    layers, capacity) and one small all-gather over every rank of the step (PP x TP x DP x CP,
+    which holds EP; from Megatron's process groups, agreement.py) makes every rank raise the same
+    RouteError naming the failing rank and its problem, or the ranks' disagreement (microbatch
+    counts, TP peers' routes, microbatch shapes). Every rank of the step must enter routing() in
+    replay, a pipeline stage without MoE layers too (its model has no PR2 routers: it only joins).
+    group: replay only; agree over this process group instead of the one derived from the model.
+    num_microbatches: replay only; the schedule's microbatch count, checked in the agreement (a
+    forward beyond the routes, or routes left over, would otherwise fail mid-step on one stage).
+    pending_routes: replay only (pr2_step): routes the caller keeps for later calls of the same
+    step, agreed like the count.
     dispatch_plan: replay only. Precompute the alltoall dispatcher's tokens_per_expert and
     all-to-all split sizes of every (microbatch, MoE layer) from the replayed routes at entry,
     exchanged in ONE all-gather over the dispatcher's tp_ep group, so each MoE layer's
@@ -109,37 +123,32 @@ def routing(
         raise ValueError(f"routing dispatch_plan=True needs mode='replay', not {mode!r}")
     if isinstance(routes, RouteBatch):
         routes = [routes]
-    if mode == "replay":
-        if not routes:
-            raise ValueError("routing mode='replay' needs routes (a RouteBatch or a list of them)")
-        for i, batch in enumerate(routes):
-            if not isinstance(batch, RouteBatch):
-                raise ValueError(f"routes[{i}] is {type(batch).__name__}, expected RouteBatch")
-    elif routes is not None:
+    if mode != "replay" and routes is not None:
         raise ValueError(f"routing mode={mode!r} takes no routes (only 'replay' does)")
     if cache_mask is not None:
         if mode != "predict_record":
             raise ValueError(f"routing cache_mask needs mode='predict_record', not {mode!r}")
         cache_mask = [cache_mask] if isinstance(cache_mask, torch.Tensor) else list(cache_mask)
     routers = pr2_routers(model)
-    if not routers and mode != "off":
-        raise ValueError("the model has no PR2 routers: build its layer spec with apply_pr2()")
-    layer_ids = [r.moe_layer_id for r in routers]
-    if len(set(layer_ids)) != len(layer_ids):
-        raise ValueError(
-            f"routers share MoE-layer ids {sorted(layer_ids)}: build MoE layers inside "
-            "TransformerLayers (or call MoELayer.set_layer_number) so each has its own"
-        )
-    if any(r.session is not None for r in routers):
-        raise RuntimeError("routing() contexts cannot nest on the same model")
+    routes = None if routes is None else list(routes)
     session = RoutingSession(
-        mode, routers, list(routes) if routes else None, ministep, layout, cache_mask
+        mode, routers, routes, ministep, layout, cache_mask, stage=model_stage(model)
     )
-    if mode == "replay" and group is not None:
-        # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
-        session.agree_on_entry(group)
+    if mode == "replay":
+        # Any error of any rank raises on every rank here, before the step's first collective.
+        error = None
+        try:
+            _check_model(model, routers, mode)
+        except (ValueError, RuntimeError) as exc:
+            error = exc
+        pp = model_group(model, "pp")
+        facts = entry_facts(session, pp, num_microbatches, pending_routes, error)
+        tp_dp_cp = routers[0].tp_dp_cp_group if routers else model_group(model, "tp_dp_cp")
+        agree(facts, step_groups(tp_dp_cp, pp, group))
+    else:
+        _check_model(model, routers, mode)
     plan = None
-    if mode == "replay" and dispatch_plan is not False:
+    if routers and mode == "replay" and dispatch_plan is not False:
         # Collective over tp_ep (after the support checks, so an unsupported model issues
         # none); installs nothing.
         try:
@@ -162,3 +171,18 @@ def routing(
             plan.remove()
         for router in routers:
             router.session = None
+
+
+def _check_model(model: Model, routers: List[PR2Router], mode: str) -> None:
+    """The model can be routed in `mode`: PR2 routers (in replay, a model without any MoE layer
+    may join the agreement), distinct MoE-layer ids, no routing() context active on it."""
+    if not routers and mode != "off" and (mode != "replay" or has_moe_layer(model)):
+        raise ValueError("the model has no PR2 routers: build its layer spec with apply_pr2()")
+    layer_ids = [r.moe_layer_id for r in routers]
+    if len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(
+            f"routers share MoE-layer ids {sorted(layer_ids)}: build MoE layers inside "
+            "TransformerLayers (or call MoELayer.set_layer_number) so each has its own"
+        )
+    if any(r.session is not None for r in routers):
+        raise RuntimeError("routing() contexts cannot nest on the same model")

@@ -12,17 +12,17 @@
 # This holds for every Megatron-Core schedule (no pipelining, 1F1B, interleaved), which run the
 # backward passes of one model chunk in forward order.
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_pr2.config import PR2Config
 from megatron_pr2.model_index import router_layout
-from megatron_pr2.parallel.collectives import raise_on_any_rank
-from megatron_pr2.records import assemble_record, cache_rows
+from megatron_pr2.parallel.sharding import describe_layouts
+from megatron_pr2.records import assemble_record, cache_rows, microbatch_cache_tokens
 from megatron_pr2.router import PR2Router, Recorded, RouteAnswer
-from megatron_pr2.routes import RouteBatch, TokenLayout
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -44,7 +44,6 @@ class _LocalRoutes:
     cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
     cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
     has_missing: bool = False  # some (token, layer) has no route (fallback policy only)
-    cache_share: Optional[float] = None  # C_local / C of the microbatch (token-sharding ranks)
 
     def to(self, device: torch.device) -> "_LocalRoutes":
         """Move every tensor to `device` once per microbatch (not once per layer)."""
@@ -74,6 +73,7 @@ class RoutingSession:
         ministep: int,
         layout: Optional[TokenLayout],
         cache_mask: Optional[List[torch.Tensor]] = None,
+        stage: Tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None),
     ) -> None:
         self.mode = mode
         self.routers = routers
@@ -81,11 +81,16 @@ class RoutingSession:
         self.ministep = ministep
         self.layout = layout
         self.cache_mask = cache_mask
+        self.stage = stage  # (pp_rank, pp_size, vp_size) of the model, None where unknown
+        # Replay: C_local / C of each microbatch's predictor cache, set by the entry check
+        # (entry_check.py) from the layouts, so binding needs no collective.
+        self.cache_shares: Dict[int, float] = {}
         self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
         self._layouts: Dict[int, TokenLayout] = {}
         # predict_record: the cached router rows of each microbatch, on the hidden states'
         # device, computed once for all layers (a CPU index would be copied per layer).
         self._cache_rows: Dict[int, torch.Tensor] = {}
+        self._cached_tokens: Dict[int, int] = {}  # C of each microbatch, for sharded layouts
         self._local: Dict[int, _LocalRoutes] = {}
 
     # -- per-microbatch views ------------------------------------------------------------------
@@ -105,7 +110,12 @@ class RoutingSession:
                 "routing(layout=megatron_pr2.local_layout(model, ...))"
             )
         batch_size = batch.num_tokens // batch.seq_length
-        return router_layout(self.routers[0], batch_size, batch.seq_length)
+        return self.router_layout(batch_size, batch.seq_length)
+
+    def router_layout(self, batch_size: int, seq_length: int) -> TokenLayout:
+        """This rank's layout from its routers' process groups, with its pipeline stage."""
+        layout = router_layout(self.routers[0], batch_size, seq_length)
+        return replace(layout, identity=layout.identity.with_stage(*self.stage))
 
     def entry_layout(self, microbatch: int) -> TokenLayout:
         """The tokens this rank routes in a replayed microbatch, known before its forward:
@@ -117,7 +127,9 @@ class RoutingSession:
             return self.layout
         batch = self.routes[microbatch]
         if batch.token_index is not None:
-            return TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length)
+            # routing() has checked the shard against this rank's own layout (entry_check.py).
+            identity = None if batch.identity is None else batch.identity.layout
+            return TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length, identity)
         if self._splits_tokens():
             return self._group_layout(microbatch, batch)
         return TokenLayout(
@@ -139,7 +151,7 @@ class RoutingSession:
                 router = self.routers[0]
                 tp = router.tp_group.size() if router.config.sequence_parallel else 1
                 seq_length = hidden.shape[0] * tp * router.cp_group.size()
-                layout = router_layout(router, hidden.shape[1], seq_length)
+                layout = self.router_layout(hidden.shape[1], seq_length)
             else:
                 layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
             if layout.token_index.numel() != rows:
@@ -151,11 +163,9 @@ class RoutingSession:
             self._layouts[microbatch] = layout
         return layout
 
-    def decode(
-        self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
-    ) -> _LocalRoutes:
-        """Decode and validate one microbatch's routes for this rank's router rows; with_cache
-        False skips the predictor cache (for callers that only count or validate routes)."""
+    def check(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> torch.Tensor:
+        """Validate one microbatch's routes for this rank's router rows `layout` without decoding
+        the ids; returns the rows of the batch those router rows read."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -168,7 +178,11 @@ class RoutingSession:
                 f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
                 f"has {layout.num_tokens}"
             )
-        rows = batch.rows_for(layout.token_index)
+        try:
+            rows = batch.rows_for(layout.token_index)
+        except ValueError as exc:
+            why = f"microbatch {microbatch}: {exc}{describe_layouts(batch, layout)}"
+            raise ValueError(why) from exc
         layer_ids = batch.layer_index
         if layer_ids is None:
             layer_ids = torch.arange(batch.num_layers)
@@ -176,18 +190,28 @@ class RoutingSession:
         absent = sorted(expected - set(layer_ids.tolist()))
         if absent:
             raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
+        _check_missing(batch, microbatch, router.pr2_config)
+        return rows
+
+    def decode(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
+    ) -> _LocalRoutes:
+        """Decode and validate one microbatch's routes for this rank's router rows; with_cache
+        False skips the predictor cache (for callers that only count or validate routes)."""
+        batch = self.routes[microbatch]
+        rows = self.check(microbatch, layout, router)
+        layer_ids = batch.layer_index
+        if layer_ids is None:
+            layer_ids = torch.arange(batch.num_layers)
         dropped = batch.dropped
         local = _LocalRoutes(
             indices=batch.indices[rows],
             dropped=None if dropped is None else dropped[rows],
             columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
+            has_missing=batch.missing is not None,
         )
-        local.has_missing = _check_missing(batch, microbatch, router.pr2_config)
         if batch.cache is not None and with_cache:
-            position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
-            position[layout.token_index] = torch.arange(layout.token_index.numel())
-            cached_rows = position[batch.cache.token_index]
-            here = cached_rows >= 0
+            cached_rows, here = cached_positions(batch.cache, layout)
             local.cache_rows = cached_rows[here]
             local.cache_hidden, local.cache_logits = batch.cache.hidden, batch.cache.logits
             if not bool(here.all()):  # boolean indexing copies: only when some rows are not here
@@ -198,73 +222,11 @@ class RoutingSession:
         return local
 
     def _bind(self, router: PR2Router, microbatch: int, hidden: torch.Tensor) -> None:
-        """Decode microbatch routes once, and make every rank of the stage agree they are valid.
-
-        Runs at the first router call of a microbatch, a point every rank of the pipeline stage
-        reaches in the same order. A rank with a bad shard would otherwise raise alone and leave
-        its peers blocked in the dispatcher's collectives; one small all-reduce over the stage's
-        ranks (tp x dp x cp, which contains the expert-parallel group) makes all of them raise.
-        Tensor-parallel ranks without sequence parallelism route the same tokens, so their routes
-        must be identical: a digest comparison catches a mismatch before dispatch does.
-        """
-        error, local = None, None
-        try:
-            layout = self._layout_for(microbatch, hidden)
-            local = self.decode(microbatch, layout, router)
-        except ValueError as exc:
-            error = exc
-        tp_group = router.tp_group
-        if tp_group.size() > 1 and not router.config.sequence_parallel:
-            # Every TP rank joins (a failed decode with the sentinel digest -1; real digests are
-            # >= 0); a mismatch then goes through the stage-wide agreement below, so the DP / CP
-            # peers raise too instead of waiting in the dispatcher.
-            digest = _route_digest(local.indices) if local is not None else torch.tensor(-1)
-            extremes = torch.stack([digest, -digest]).to(hidden.device)
-            torch.distributed.all_reduce(
-                extremes, op=torch.distributed.ReduceOp.MAX, group=tp_group
-            )
-            if error is None and int(extremes[0]) != -int(extremes[1]):
-                error = ValueError(
-                    f"microbatch {microbatch}: tensor-parallel ranks hold different routes; "
-                    "without sequence parallelism they route the same tokens and must replay "
-                    "identical routes"
-                )
-        raise_on_any_rank(
-            error,
-            router.tp_dp_cp_group,
-            f"microbatch {microbatch}: another rank of this pipeline stage rejected its routes "
-            "(see that rank's error)",
-            device=hidden.device,
-        )
-        if local.cache_rows is not None:
-            mine = float(local.cache_rows.numel())
-            count = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
-            # Ranks holding different tokens of this microbatch: TP x CP under sequence
-            # parallelism, CP alone otherwise (TP peers then route the same tokens).
-            shards = router.tp_cp_group if router.config.sequence_parallel else router.cp_group
-            if torch.distributed.is_initialized() and shards.size() > 1:
-                torch.distributed.all_reduce(count, group=shards)
-            local.cache_share = mine / float(count) if float(count) > 0 else 0.0
+        """Decode one microbatch's routes for this rank at its first router call. routing()
+        validated them at entry and agreed over every rank of the step (entry_check.py,
+        agreement.py), so no collective and no host read of a device value happens here."""
+        local = self.decode(microbatch, self._layout_for(microbatch, hidden), router)
         self._local[microbatch] = local.to(hidden.device)
-
-    def agree_on_entry(self, group) -> None:
-        """Validate every microbatch's routes before any forward and raise on every rank of
-        `group` (e.g. the pipeline group, or all ranks of the step) if any rank's are invalid."""
-        error = None
-        try:
-            for microbatch in range(len(self.routes)):
-                # Full routes: the token count is checked at the first forward.
-                self.decode(
-                    microbatch, self.entry_layout(microbatch), self.routers[0], with_cache=False
-                )
-        except ValueError as exc:
-            error = exc
-        raise_on_any_rank(
-            error,
-            group,
-            "routing(replay): another rank of the group rejected its routes (see that rank's "
-            "error)",
-        )
 
     def current_microbatch(self, router: PR2Router) -> Optional[int]:
         """The microbatch `router` routed last in this context (its forward, or inside autograd's
@@ -318,7 +280,7 @@ class RoutingSession:
             answer.cache_rows = local.cache_rows
             answer.cache_hidden = local.cache_hidden[:, column]
             answer.cache_logits = local.cache_logits[:, column]
-            answer.cache_share = local.cache_share
+            answer.cache_share = self.cache_shares.get(microbatch, 1.0)
             answer.train_predictor = (
                 self.ministep >= config.loss_start_ministep and router.predictor_trainable
             )
@@ -344,8 +306,12 @@ class RoutingSession:
                         f"ran microbatch {microbatch}"
                     )
                 eligible = self.cache_mask[microbatch]
-            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence, eligible)
+            n = router.pr2_config.cache_tokens_per_sequence
+            rows = cache_rows(layout, n, eligible)
             rows = self._cache_rows[microbatch] = rows.to(hidden.device)
+            if not layout.is_full():
+                total = microbatch_cache_tokens(layout, n, eligible)
+                self._cached_tokens[microbatch] = total
         return rows
 
     # -- results -------------------------------------------------------------------------------
@@ -378,6 +344,7 @@ class RoutingSession:
                 [self.states[id(r)].recorded[m] for r in routers],
                 self._layouts[m],
                 self._cache_rows.get(m),
+                self._cached_tokens.get(m),
             )
             for m in range(calls)
         ]
@@ -392,6 +359,17 @@ class RoutingSession:
         return out
 
 
+def cached_positions(
+    cache: PredictorCache, layout: TokenLayout
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
+    those routed here."""
+    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+    position[layout.token_index] = torch.arange(layout.token_index.numel())
+    cached_rows = position[cache.token_index]
+    return cached_rows, cached_rows >= 0
+
+
 def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
     """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
     missing = batch.missing
@@ -404,10 +382,3 @@ def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> boo
             f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
         )
     return True
-
-
-def _route_digest(indices: torch.Tensor) -> torch.Tensor:
-    """Position-sensitive int64 checksum of a route tensor (to compare ranks cheaply)."""
-    flat = indices.reshape(-1).to(torch.int64) + 2
-    weights = torch.arange(flat.numel(), dtype=torch.int64) % 65521 + 1
-    return (flat * weights).sum()

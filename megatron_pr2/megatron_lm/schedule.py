@@ -17,18 +17,11 @@ import functools
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from megatron.core.transformer.moe.moe_layer import MoELayer
-
 from megatron_pr2.arguments import megatron_lm_args
-from megatron_pr2.model_index import Model, pr2_routers
+from megatron_pr2.model_index import Model, has_moe_layer, pr2_routers
 from megatron_pr2.phases import phase_routing_mode
 from megatron_pr2.routes import RouteBatch, TokenLayout
 from megatron_pr2.routing_context import RoutingHandle, routing
-
-
-def _has_moe_layer(model: Model) -> bool:
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    return any(isinstance(m, MoELayer) for chunk in chunks for m in chunk.modules())
 
 
 @contextmanager
@@ -40,15 +33,20 @@ def routing_for_phase(
     ministep: int = 1,
     *,
     layout: Optional[TokenLayout] = None,
+    num_microbatches: Optional[int] = None,
+    pending_routes: Optional[int] = None,
 ) -> Iterator[Optional[RoutingHandle]]:
     """Route the model's forward/backward passes inside the block as RL `phase` under `mode`.
 
     routes: one RouteBatch per microbatch (forward order) for phases that replay; None otherwise.
     ministep: 1-based training mini-step within the rollout batch (predictor loss from
     PR2Config.loss_start_ministep on).
+    num_microbatches / pending_routes: checked in the replay entry agreement (routing()).
     Yields the routing handle (recorded routes, replay metrics), or None on a rank whose model
     chunk(s) hold no MoE layer (a pipeline stage of dense layers): such a rank has nothing to
-    route, ignores `routes` and still reports metrics (zeros) with report_pr2_metrics.
+    route; in replay it still joins routing()'s entry agreement (so an error on another stage
+    raises here too, instead of leaving this stage waiting in a pipeline receive), and it still
+    reports metrics (zeros) with report_pr2_metrics.
     """
     routing_mode = phase_routing_mode(phase, mode)
     if routing_mode == "replay" and routes is None:
@@ -61,16 +59,25 @@ def routing_for_phase(
             f"phase={phase!r} under --pr2-mode={mode} routes in {routing_mode!r} mode, which "
             "takes no routes"
         )
-    if routing_mode != "off" and not pr2_routers(model):
-        if _has_moe_layer(model):
-            raise ValueError(
-                f"--pr2-mode={mode}: the model has MoE layers but no PR2 routers; build it with "
-                "megatron_pr2.megatron_lm.pr2_model_provider or megatron_pr2.apply_pr2"
-            )
+    dense = routing_mode != "off" and not pr2_routers(model)
+    if dense and has_moe_layer(model):
+        raise ValueError(
+            f"--pr2-mode={mode}: the model has MoE layers but no PR2 routers; build it with "
+            "megatron_pr2.megatron_lm.pr2_model_provider or megatron_pr2.apply_pr2"
+        )
+    if dense and routing_mode != "replay":
         yield None
         return
-    with routing(model, routing_mode, routes, ministep=ministep, layout=layout) as handle:
-        yield handle
+    with routing(
+        model,
+        routing_mode,
+        routes,
+        ministep=ministep,
+        layout=layout,
+        num_microbatches=num_microbatches,
+        pending_routes=pending_routes,
+    ) as handle:
+        yield None if dense else handle
 
 
 def forward_backward_with_routes(
@@ -82,25 +89,28 @@ def forward_backward_with_routes(
     routes: Optional[Sequence[RouteBatch]] = None,
     ministep: int = 1,
     layout: Optional[TokenLayout] = None,
+    pending_routes: Optional[int] = None,
     **schedule_kwargs: Any,
 ) -> Tuple[Any, Optional[RoutingHandle]]:
     """Run one Megatron schedule call (get_forward_backward_func()) as RL `phase` under `mode`.
 
     schedule_kwargs are the schedule's own keyword arguments (forward_step_func, data_iterator,
     num_microbatches, seq_length, micro_batch_size, forward_only, ...). Replaying phases need
-    exactly num_microbatches routes, bound to the microbatches in forward order; every schedule
-    (no pipelining, 1F1B, interleaved) and activation recompute replay the right one with no
-    further action. Returns (the schedule's result, the routing handle or None).
+    exactly num_microbatches routes, bound to the microbatches in forward order (checked in
+    routing()'s entry agreement, on every rank); every schedule (no pipelining, 1F1B,
+    interleaved) and activation recompute replay the right one with no further action.
+    Returns (the schedule's result, the routing handle or None).
     """
-    num_microbatches = schedule_kwargs.get("num_microbatches")
-    if routes is not None:
-        routes = list(routes)
-        if num_microbatches is not None and len(routes) != num_microbatches:
-            raise ValueError(
-                f"{len(routes)} routes for a forward_backward_func call of "
-                f"num_microbatches={num_microbatches}: give one RouteBatch per microbatch"
-            )
-    with routing_for_phase(model, phase, mode, routes, ministep, layout=layout) as handle:
+    with routing_for_phase(
+        model,
+        phase,
+        mode,
+        None if routes is None else list(routes),
+        ministep,
+        layout=layout,
+        num_microbatches=schedule_kwargs.get("num_microbatches"),
+        pending_routes=pending_routes,
+    ) as handle:
         result = forward_backward_func(model=model, **schedule_kwargs)
     return result, handle
 
@@ -152,16 +162,14 @@ class PR2Step:
             raise TypeError("Megatron schedules take keyword arguments only")
         kwargs = dict(kwargs)
         model = kwargs.pop("model")
-        routes = None
+        routes = pending = None
         if self._routes is not None:
+            # Too few routes left raise in routing()'s entry agreement (count against
+            # num_microbatches), on every rank; the routes kept for later calls are agreed too.
             n = kwargs.get("num_microbatches", 1)
             routes = self._routes[self._next : self._next + n]
-            if len(routes) != n:
-                raise RuntimeError(
-                    f"pr2_step({self.phase!r}): a forward_backward_func call needs {n} microbatch "
-                    f"routes but only {len(routes)} of {len(self._routes)} are left"
-                )
-            self._next += n
+            self._next += len(routes)
+            pending = len(self._routes) - self._next
         result, handle = forward_backward_with_routes(
             forward_backward_func,
             model=model,
@@ -170,6 +178,7 @@ class PR2Step:
             routes=routes,
             ministep=self.ministep,
             layout=self.layout,
+            pending_routes=pending,
             **kwargs,
         )
         self.handles.append(handle)

@@ -69,8 +69,10 @@ def encode_shard(
     seq_length: Optional[int],
     token_index: Optional[torch.Tensor] = None,
     layer_index: Optional[torch.Tensor] = None,
+    cached_tokens: Optional[int] = None,
 ) -> torch.Tensor:
-    """Serialize a route shard: header, [token code, layer ids], packed ids, masks, cache."""
+    """Serialize a route shard: header, [token code, layer ids], packed ids, masks, cache;
+    cached_tokens: the whole microbatch's predictor-cache tokens (shard identity)."""
     T, L, k = indices.shape
     missing = indices[..., 0] < 0
     flags = 0
@@ -107,7 +109,7 @@ def encode_shard(
         [_MAGIC, T, L, k, num_experts, num_tokens, -1 if seq_length is None else seq_length, flags]
         + [extra[0].numel() if extra else 0]
         + cache_meta
-        + [0, 0],
+        + [-1 if cached_tokens is None else cached_tokens, 0],
         dtype=torch.int64,
     )
     assert header.numel() == _HEADER
@@ -125,7 +127,7 @@ def decode_shard(payload: torch.Tensor) -> dict:
     if int(header[0]) != _MAGIC:
         raise ValueError("route transfer: corrupt message (bad magic)")
     T, L, k, E, num_tokens, seq_length, flags, code_len = (int(x) for x in header[1:9])
-    C, H, EL, hd, ld = (int(x) for x in header[9:14])
+    C, H, EL, hd, ld, cached_tokens = (int(x) for x in header[9:15])
     pos = 8 * _HEADER
 
     def take(nbytes: int) -> torch.Tensor:
@@ -141,6 +143,7 @@ def decode_shard(payload: torch.Tensor) -> dict:
         "num_experts": E,
         "num_tokens": num_tokens,
         "seq_length": None if seq_length < 0 else seq_length,
+        "cached_tokens": None if cached_tokens < 0 else cached_tokens,
     }
     if flags & _FLAG_TOKENS:
         out["token_index"] = decode_token_index(take(8 * code_len).view(torch.int64))

@@ -17,11 +17,13 @@ from megatron_pr2.parallel.codec import (
 from megatron_pr2.parallel.collectives import comm_device, raise_on_any_rank
 from megatron_pr2.parallel.sharding import (
     IntSeq,
+    cached_tokens,
     check_request,
     check_shard,
     layer_tensor,
     row_layers,
     row_tokens,
+    shard_identity,
     shard_routes,
     slice_shard,
 )
@@ -143,6 +145,7 @@ def _scatter_routes(
             num_tokens=parts["num_tokens"],
             seq_length=layout.seq_length,
             cache=parts["cache"],
+            identity=shard_identity(layout, layer_ids, parts["cached_tokens"]),
         )
         check_shard(local, layout, layer_ids)
         return local
@@ -177,6 +180,7 @@ def _scatter_routes(
                 cache,
                 num_tokens,
                 None if seq_length < 0 else seq_length,
+                cached_tokens=cached_tokens(routes),
             )
         except ValueError as exc:
             error = error or ValueError(f"scatter_routes: request of rank {peer}: {exc}")

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from megatron_pr2.identity import LayoutIdentity, packing_fingerprint
 from megatron_pr2.routes import TokenLayout
 
 IntSeq = Union[torch.Tensor, Sequence[int]]
@@ -108,7 +109,8 @@ def layout_for_rank(
             positions in the packed row the model sees, i.e. the padded one.
 
     Returns:
-        TokenLayout(token_index [T_local], num_tokens=B * S, seq_length=S).
+        TokenLayout(token_index [T_local], num_tokens=B * S, seq_length=S, identity): the
+        identity records the split (and packing) the layout was made for.
     """
     if batch_size < 1 or seq_length < 1:
         raise ValueError(
@@ -119,6 +121,15 @@ def layout_for_rank(
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
         raise ValueError(f"layout_for_rank: cp_rank={cp_rank} not in [0, cp_size={cp_size})")
 
+    identity = LayoutIdentity(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        sequence_parallel=sequence_parallel,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
+        zigzag=cp_size > 1,
+        packing=packing_fingerprint(cu_seqlens, cu_seqlens_padded),
+    )
     thd = cu_seqlens is not None or cu_seqlens_padded is not None
     if thd:
         # The model sees one packed row [1, B * S] (B > 1: the samples' rows concatenated, as
@@ -156,7 +167,7 @@ def layout_for_rank(
         else:
             positions = torch.arange(packed)
         return TokenLayout(
-            _sp_slice(positions, tp_rank, tp_size, sequence_parallel), packed, seq_length
+            _sp_slice(positions, tp_rank, tp_size, sequence_parallel), packed, seq_length, identity
         )
     elif cp_size > 1:
         if seq_length % (2 * cp_size):
@@ -173,4 +184,4 @@ def layout_for_rank(
     positions = _sp_slice(positions, tp_rank, tp_size, sequence_parallel)
     b = torch.arange(batch_size).unsqueeze(0)
     token_index = (b * seq_length + positions.unsqueeze(1)).reshape(-1)
-    return TokenLayout(token_index, batch_size * seq_length, seq_length)
+    return TokenLayout(token_index, batch_size * seq_length, seq_length, identity)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from megatron_pr2.identity import ShardIdentity
 from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 
 IntSeq = Union[torch.Tensor, Sequence[int]]
@@ -28,6 +29,34 @@ def row_layers(routes: RouteBatch) -> torch.Tensor:
     if routes.layer_index is not None:
         return routes.layer_index
     return torch.arange(routes.shape[1])
+
+
+def shard_identity(
+    layout: TokenLayout, layer_ids: torch.Tensor, cached_tokens: Optional[int] = None
+) -> Optional[ShardIdentity]:
+    """The identity of a shard cut for `layout` and `layer_ids` (None for a hand-made layout);
+    cached_tokens: predictor-cache tokens of the whole microbatch."""
+    if layout.identity is None:
+        return None
+    layers = tuple(int(x) for x in layer_ids.tolist())
+    return ShardIdentity(layout.identity, layers, cached_tokens)
+
+
+def cached_tokens(routes: RouteBatch) -> Optional[int]:
+    """Predictor-cache tokens of the whole microbatch of `routes` (None: no cache, or a shard
+    that does not know it)."""
+    if routes.cache is None:
+        return None
+    if routes.token_index is None:
+        return int(routes.cache.token_index.numel())
+    return None if routes.identity is None else routes.identity.cached_tokens
+
+
+def describe_layouts(local: RouteBatch, layout: TokenLayout) -> str:
+    """' (shard cut for ...; this rank: ...)' where identities are known, for error messages."""
+    shard = "no identity" if local.identity is None else local.identity.describe()
+    mine = "a layout without identity" if layout.identity is None else layout.identity.describe()
+    return f" (shard cut for {shard}; this rank: {mine})"
 
 
 def _slice_cache(
@@ -86,33 +115,37 @@ def shard_routes(routes: RouteBatch, layout: TokenLayout, layer_ids: IntSeq) -> 
         num_tokens=layout.num_tokens,
         seq_length=layout.seq_length,
         cache=cache,
+        identity=shard_identity(layout, layer_ids, cached_tokens(routes)),
     )
 
 
 def check_shard(local: RouteBatch, layout: TokenLayout, layer_ids: IntSeq) -> None:
-    """Raise ValueError unless `local` is exactly this rank's shard (tokens and layers)."""
+    """Raise ValueError unless `local` is exactly this rank's shard (tokens and layers); the
+    message names the layout the shard was cut for and this rank's."""
     layer_ids = layer_tensor(layer_ids)
+    both = describe_layouts(local, layout)
     if local.shape[0] != layout.token_index.numel():
         raise ValueError(
             f"route shard has {local.shape[0]} tokens; this rank's routers route "
-            f"{layout.token_index.numel()} tokens"
+            f"{layout.token_index.numel()} tokens{both}"
         )
     if local.shape[1] != layer_ids.numel():
         raise ValueError(
             f"route shard has {local.shape[1]} MoE layers; this pipeline stage holds "
-            f"{layer_ids.numel()} MoE layers {layer_ids.tolist()}"
+            f"{layer_ids.numel()} MoE layers {layer_ids.tolist()}{both}"
         )
     if local.num_tokens != layout.num_tokens:
         raise ValueError(
             f"route shard belongs to a microbatch of {local.num_tokens} tokens; the layout has "
-            f"{layout.num_tokens}"
+            f"{layout.num_tokens}{both}"
         )
     if not torch.equal(row_tokens(local), layout.token_index):
         raise ValueError(
-            "route shard rows are not this rank's tokens in router order (token_index mismatch)"
+            "route shard rows are not this rank's tokens in router order (token_index "
+            f"mismatch){both}"
         )
     if not torch.equal(row_layers(local), layer_ids):
         raise ValueError(
             f"route shard layers {row_layers(local).tolist()} != this stage's MoE layers "
-            f"{layer_ids.tolist()}"
+            f"{layer_ids.tolist()}{both}"
         )
