@@ -48,11 +48,11 @@ def own_identity(session: RoutingSession) -> LayoutIdentity:
     return identity.with_stage(*session.stage)
 
 
-def _not_mine(microbatch: int, why: str, cut_for: str, own: LayoutIdentity, layers: List) -> str:
+def _not_mine(microbatch: int, why: str, cut_for: str, mine: str, layers: List) -> str:
     return (
         f"microbatch {microbatch}: the route shard is not this rank's: {why}. It was cut for "
-        f"{cut_for}; this rank routes {own.describe()}, MoE layers {layers} (layout from the "
-        "routers' process groups; cut shards with shard_routes / scatter_routes for this rank)"
+        f"{cut_for}; this rank routes {mine}, MoE layers {layers} (cut shards with shard_routes "
+        "/ scatter_routes for this rank's layout)"
     )
 
 
@@ -63,11 +63,13 @@ def replay_layout(session: RoutingSession, microbatch: int, own: LayoutIdentity)
     batch = session.routes[microbatch]
     layers = sorted(r.moe_layer_id for r in session.routers)
     shard = batch.identity
+    # This rank's layout, as its routers' process groups give it (they do not know the packing).
+    mine = f"{own.describe(packing=False)} (from the routers' process groups)"
     if shard is not None:
         absent = sorted(set(layers) - set(shard.layer_ids))
         if absent:
             why = f"it has no MoE layers {absent}"
-            raise ValueError(_not_mine(microbatch, why, shard.describe(), own, layers))
+            raise ValueError(_not_mine(microbatch, why, shard.describe(), mine, layers))
     layout = session.layout
     if layout is not None:
         if layout.identity is not None:
@@ -75,19 +77,20 @@ def replay_layout(session: RoutingSession, microbatch: int, own: LayoutIdentity)
             if why is not None:
                 raise ValueError(
                     f"routing(layout=) is not this rank's layout: {why}; it was made for "
-                    f"{layout.identity.describe()}, this rank routes {own.describe()}"
+                    f"{layout.identity.describe()}, this rank routes {mine}"
                 )
             if shard is not None:
                 why = layout_mismatch(shard.layout, layout.identity, own_packing_known=True)
                 if why is not None:
-                    raise ValueError(_not_mine(microbatch, why, shard.describe(), own, layers))
+                    given = f"{layout.identity.describe()} (routing(layout=))"
+                    raise ValueError(_not_mine(microbatch, why, shard.describe(), given, layers))
         return layout
     if batch.token_index is None:
         return session.entry_layout(microbatch)  # canonical: cut for this rank on the spot
     if shard is not None:
         why = layout_mismatch(shard.layout, own, own_packing_known=False)
         if why is not None:
-            raise ValueError(_not_mine(microbatch, why, shard.describe(), own, layers))
+            raise ValueError(_not_mine(microbatch, why, shard.describe(), mine, layers))
         return session.entry_layout(microbatch)
     if batch.seq_length is None:
         raise ValueError(

@@ -76,7 +76,8 @@ class LayoutIdentity:
     ) -> "LayoutIdentity":
         return replace(self, pp_rank=pp_rank, pp_size=pp_size, vp_size=vp_size)
 
-    def describe(self) -> str:
+    def describe(self, packing: bool = True) -> str:
+        """Readable form; packing=False leaves out the packing (unknown to process groups)."""
         parts = [
             f"TP rank {self.tp_rank}/{self.tp_size}" + (" SP" if self.sequence_parallel else "")
         ]
@@ -84,7 +85,8 @@ class LayoutIdentity:
             parts.append(
                 f"CP rank {self.cp_rank}/{self.cp_size}" + (" zigzag" if self.zigzag else "")
             )
-        parts.append("sbhd" if self.packing is None else f"THD packing {self.packing}")
+        if packing:
+            parts.append("sbhd" if self.packing is None else f"THD packing {self.packing}")
         if self.pp_rank is not None:
             stage = f"PP stage {self.pp_rank}/{self.pp_size}"
             parts.append(stage + (f" x {self.vp_size} virtual" if (self.vp_size or 1) > 1 else ""))

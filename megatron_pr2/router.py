@@ -384,6 +384,10 @@ class PR2Router(TopKRouter):
         kept = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_indices, ~dropped)
         routing_map = kept
         if self.config.moe_pad_expert_input_to_capacity:
+            # The capacity the alltoall dispatcher's preprocess pads this rank's rows to (same
+            # formula, same local token count). Replay is exact only if every expert's recorded
+            # kept tokens fit it, which routing() checks at entry (entry_check.check_capacity):
+            # routes recorded with the tokens split differently across ranks are refused there.
             capacity = get_capacity(
                 num_tokens=probs.shape[0] * self.topk,
                 num_experts=self.config.num_moe_experts,
