@@ -45,14 +45,11 @@ def _config(pad):
 
 
 def _layer(config):
-    from harness import build_moe_layer
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from harness import build_pr2_moe_layer
 
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
+    from megatron_pr2 import PR2Config
 
-    spec = apply_pr2(get_gpt_layer_local_spec(num_experts=EXPERTS), PR2Config(telemetry=False))
-    return build_moe_layer(config, moe_submodules_of(spec.submodules.mlp))
+    return build_pr2_moe_layer(config, PR2Config(telemetry=False))
 
 
 def _data():
@@ -273,7 +270,7 @@ def _rank_capacity():
 
 @pytest.fixture(scope="module")
 def capacity_runs():
-    return run_distributed(_rank_capacity, 4, timeout=900)
+    return run_distributed(_rank_capacity, 4)
 
 
 @pytest.mark.parametrize("pad", [False, True])

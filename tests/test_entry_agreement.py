@@ -18,7 +18,7 @@
 #   extra_microbatch / fewer_microbatch (one rank, with and without the dispatch plan), an
 #   out-of-range token in routing(layout=) and in a corrupted shard (an IndexError inside
 #   RouteBatch.rows_for, agreed like any other error).
-# Hangs: gloo's collective timeout (the harness's, 900 s) would end a rank left waiting; the
+# Hangs: gloo's collective timeout (the harness's, 300 s) would end a rank left waiting; the
 # checks below require every rank's own error to be a RouteError naming the failing rank.
 
 import pytest
@@ -213,12 +213,12 @@ def _rank_ep():
 
 @pytest.fixture(scope="module")
 def pp_runs():
-    return run_distributed(_rank_pp, 4, timeout=900)
+    return run_distributed(_rank_pp, 4)
 
 
 @pytest.fixture(scope="module")
 def ep_runs():
-    return run_distributed(_rank_ep, 2, timeout=900)
+    return run_distributed(_rank_ep, 2)
 
 
 # case -> (failing rank named in the message, a phrase of the problem)

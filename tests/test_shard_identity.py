@@ -102,11 +102,9 @@ def test_verdict_of_the_gathered_table():
 # 4 ranks: TP2 + SP x CP2
 # ---------------------------------------------------------------------------------------------
 def _layer():
-    from harness import build_moe_layer
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from harness import build_pr2_moe_layer
 
-    from megatron_pr2 import PR2Config, apply_pr2
-    from megatron_pr2.compat import moe_submodules_of
+    from megatron_pr2 import PR2Config
 
     config = make_moe_config(
         hidden_size=HIDDEN,
@@ -115,8 +113,7 @@ def _layer():
         num_moe_experts=EXPERTS,
         moe_router_topk=TOPK,
     )
-    spec = apply_pr2(get_gpt_layer_local_spec(num_experts=EXPERTS), PR2Config(telemetry=False))
-    return build_moe_layer(config, moe_submodules_of(spec.submodules.mlp))
+    return build_pr2_moe_layer(config, PR2Config(telemetry=False))
 
 
 def _attempt(layer, shard, layout, batch, layout_arg=None):
@@ -201,7 +198,7 @@ def _rank_identity():
 
 @pytest.fixture(scope="module")
 def identity_runs():
-    return run_distributed(_rank_identity, 4, timeout=900)
+    return run_distributed(_rank_identity, 4)
 
 
 OK_CASES = [
