@@ -26,6 +26,7 @@ from megatron.core.transformer.moe.moe_utils import get_capacity
 
 from megatron_pr2.agreement import EntryFacts, group_key
 from megatron_pr2.identity import LayoutIdentity, layout_mismatch, stable_hash
+from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import cached_tokens, describe_layouts
 from megatron_pr2.records import cache_rows, microbatch_cache_tokens
 from megatron_pr2.router import PR2Router
@@ -194,6 +195,8 @@ def _check(
         if not isinstance(batch, RouteBatch):
             raise ValueError(f"routes[{i}] is {type(batch).__name__}, expected RouteBatch")
     router = routers[0]
+    mtp = getattr(router.config, "mtp_num_layers", None) or 0
+    num_moe_layers = sum(moe_layer_pattern(router.config)) + mtp
     if dist.is_initialized():
         if router.tp_group.size() > 1 and not router.config.sequence_parallel:
             facts.tp_key = group_key(router.tp_group)
@@ -205,6 +208,9 @@ def _check(
     pad = config.moe_pad_expert_input_to_capacity and config.moe_expert_capacity_factor
     shapes, digests = [], []
     for microbatch, batch in enumerate(routes):
+        if batch.layer_index is not None or batch.num_layers > num_moe_layers:
+            # (Fewer canonical columns than MoE layers: session.check names the absent ones.)
+            batch.check_layers(num_moe_layers)
         layout = replay_layout(session, microbatch, own)
         session.check(microbatch, layout, router)
         session.cache_shares[microbatch] = cache_share(session, microbatch, layout)

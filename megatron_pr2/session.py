@@ -141,6 +141,13 @@ class RoutingSession:
         if layout is None:
             rows = hidden.shape[0] * hidden.shape[1]
             replayed = self.routes is not None
+            if replayed and hidden.shape[1] > 1 and self.routes[microbatch].seq_length:
+                # The input shape is known only now: routes of [S=8, B=2] must not replay on
+                # [S=4, B=4]. (One packed THD row, B = 1, may hold several recorded rows.)
+                router = self.routers[0]
+                tp = router.tp_group.size() if router.config.sequence_parallel else 1
+                split = tp * router.cp_group.size()
+                self.routes[microbatch].check_tokens(hidden.shape[0] * split, hidden.shape[1])
             if self.layout is not None or (
                 replayed
                 and (self._splits_tokens() or self.routes[microbatch].token_index is not None)

@@ -16,14 +16,14 @@
 #                          and joins through routing_for_phase; stage 1's last rank is wrong.
 # Launch 2 (2 gloo ranks): the same GPT under EP2 across the two data-parallel replicas (tp 1):
 #   extra_microbatch / fewer_microbatch (one rank, with and without the dispatch plan), an
-#   out-of-range token in routing(layout=) and in a corrupted shard (an IndexError inside
-#   RouteBatch.rows_for, agreed like any other error).
+#   out-of-range token in routing(layout=), and a shard corrupted after construction (float
+#   token ids: an IndexError inside RouteBatch.rows_for, agreed like any other error).
 # Hangs: gloo's collective timeout (the harness's, 300 s) would end a rank left waiting; the
 # checks below require every rank's own error to be a RouteError naming the failing rank.
 
 import pytest
 import torch
-from harness import init_megatron_parallel, run_distributed
+from harness import init_megatron_parallel, make_moe_config, run_distributed
 from par_util import MOE_LAYER_FREQ, tiny_gpt_config
 
 VOCAB, SEQ, MBS, NUM_MB = 64, 16, 2, 4
@@ -156,7 +156,16 @@ def _rank_pp():
 
     with init_megatron_parallel(tp=2, pp=2, ep=2, etp=1):
         # Stage 0 holds layers 0 and 1, both dense: its model has no PR2 router.
-        config = tiny_gpt_config(moe_layer_freq=[0, 0, 1, 1], **RECOMPUTE)
+        config = make_moe_config(
+            num_layers=4,
+            moe_layer_freq=[0, 0, 1, 1],
+            hidden_size=32,
+            ffn_hidden_size=64,
+            moe_ffn_hidden_size=64,
+            num_attention_heads=4,
+            pipeline_dtype=torch.float32,
+            **RECOMPUTE,
+        )
         model = build_pr2_gpt(config, VOCAB, SEQ)
         out["dense_stage_has_routers"] = bool(local_layer_ids(model))
         routes = _canonical(2, num_layers=2)
@@ -204,9 +213,8 @@ def _rank_ep():
         )
 
         shards = [shard_routes(c, layout, local_layer_ids(model)) for c in canonical]
-        if rank == 1:  # corrupted after construction (the shards share one token_index)
-            shards[2].token_index = shards[2].token_index.clone()
-            shards[2].token_index[0] = MBS * SEQ + 7
+        if rank == 1:  # corrupted after construction: float token ids, an IndexError in lookup
+            shards[2].token_index = shards[2].token_index.float()
         out["corrupted_shard_index"] = _outcome(lambda: _replay(model, shards, data=data))
     return out
 
@@ -265,3 +273,48 @@ def test_valid_routes_replay_under_ep2(ep_runs):
 @pytest.mark.parametrize("case", sorted(EXPECTED_EP))
 def test_route_error_on_every_rank_ep2(ep_runs, case):
     _check(ep_runs, case, EXPECTED_EP)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank (in process): input checks that complete the agreement's
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pg():
+    from single_rank import single_rank
+
+    with single_rank() as pg_collection:
+        yield pg_collection
+
+
+def test_single_rank_route_and_argument_checks(pg):
+    from harness import build_pr2_moe_layer
+
+    from megatron_pr2 import RouteBatch, routing, shard_routes
+    from megatron_pr2.agreement import RouteError
+    from megatron_pr2.parallel import layout_for_rank
+
+    config = make_moe_config()  # 2 layers, both MoE
+    layer = build_pr2_moe_layer(config, pg_collection=pg)
+    x = torch.randn(16, 2, config.hidden_size)  # [S, B, H]
+    with torch.no_grad(), routing(layer, "record") as handle:
+        layer(x)
+    routes = handle.routes
+    assert routes.seq_length == 16 and routes.layer_index.tolist() == [0]
+    with pytest.raises(ValueError, match="ministep=True"):
+        with routing(layer, "replay", routes, ministep=True):
+            pass
+    # Routes of [S=16, B=2] on an input of [S=8, B=4]: the same token count, other tokens.
+    with pytest.raises(ValueError, match="seq_length=16.*seq_length=8 x batch_size=4"):
+        with torch.no_grad(), routing(layer, "replay", routes):
+            layer(x.reshape(8, 4, -1))
+    # Canonical routes with more MoE-layer columns than the model has.
+    extra = RouteBatch(routes.indices.repeat(1, 3, 1), config.num_moe_experts, seq_length=16)
+    with pytest.raises(RouteError, match="rank 0 rejected.*3 MoE-layer columns; the model has 2"):
+        with routing(layer, "replay", extra):
+            pass
+    # Any exception type while validating becomes the route error (a corrupted shard).
+    shard = shard_routes(routes, layout_for_rank(2, 16), [0])
+    shard.token_index = shard.token_index.float()
+    with pytest.raises(RouteError, match="IndexError"):
+        with routing(layer, "replay", shard):
+            pass
