@@ -80,12 +80,13 @@ def step_groups(tp_dp_cp: Any, pp: Any, group: Any = None) -> List[Any]:
         return []
     if group is not None:
         return [group]
-    stage = tp_dp_cp if tp_dp_cp is not None else dist.group.WORLD
+    if tp_dp_cp is None:  # no Megatron groups known at all: every rank of the run
+        return [dist.group.WORLD]
     if pp is None or dist.get_world_size(pp) == 1:
-        return [stage]
-    if dist.get_world_size(stage) * dist.get_world_size(pp) == dist.get_world_size():
-        return [dist.group.WORLD]  # one collective instead of two
-    return [stage, pp]
+        return [tp_dp_cp]
+    if dist.get_world_size(tp_dp_cp) * dist.get_world_size(pp) == dist.get_world_size():
+        return [dist.group.WORLD]  # the same ranks, one collective instead of two
+    return [tp_dp_cp, pp]
 
 
 def _describe_shape(row: torch.Tensor) -> str:

@@ -156,7 +156,8 @@ def _sharded_replay(pad, weights, routes, ref, xs, gs):
                 rows = layout.token_index
                 (out.reshape(-1, HIDDEN) * gs[m][rows]).sum().mul(weight).backward()
                 out_err = max(
-                    out_err, float((out.reshape(-1, HIDDEN) - ref["outs"][m][rows]).abs().max())
+                    out_err,
+                    float((out.detach().reshape(-1, HIDDEN) - ref["outs"][m][rows]).abs().max()),
                 )
                 scaled = x.grad.reshape(-1, HIDDEN) / weight
                 in_err = max(in_err, float((scaled - ref["input_grads"][m][rows]).abs().max()))
@@ -179,6 +180,9 @@ def _sharded_replay(pad, weights, routes, ref, xs, gs):
         grad_err=max(grad_err.values()),
         grad_scale=gradient_scale(ref["grads"]),
         over_capacity=[_over_capacity(routes[m], layout.token_index) for m in mine],
+        # the record dropped slots on these rows, and padding added zero-probability tokens
+        dropped=sum(int(routes[m].dropped[layout.token_index].sum()) for m in mine),
+        padded=sum(int(rmap.sum()) - int((probs != 0).sum()) for probs, rmap in capture.calls),
     )
 
 
@@ -284,6 +288,8 @@ def test_capacity_drops_recorded_on_a_layout_replay_exactly(capacity_runs, layou
         assert r["grad_err"] <= TOL * r["grad_scale"], (rank, r)
         # Each rank's kept set fits its own capacity (the record decided drops on these rows).
         assert all(kept <= capacity for kept, capacity in r["over_capacity"]), (rank, r)
+        assert (r["padded"] > 0) == pad, (rank, r)
+    assert sum(result[(layout, pad)]["own"]["dropped"] for result in capacity_runs) > 0
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -294,6 +300,7 @@ def test_unsharded_record_replays_exactly_without_padding(capacity_runs, layout)
         assert r["mismatched_rows"] == 0, (rank, r)
         assert r["out_err"] <= TOL and r["in_err"] <= TOL, (rank, r)
         assert r["grad_err"] <= TOL * r["grad_scale"], (rank, r)
+    assert sum(result[(layout, False)]["unsharded"]["dropped"] for result in capacity_runs) > 0
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -154,6 +154,20 @@ def _rank_pp():
             lambda: _replay(model, canonical, layout=beyond if rank == last else None)
         )
 
+        # The chained form of the agreement (a stage's group, then the pipeline group), used
+        # where the two do not span the world group: every rank gets every row and the message.
+        from megatron_pr2.agreement import EntryFacts, agree
+        from megatron_pr2.parallel.collectives import gather_rows
+
+        chain = [
+            ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+            ps.get_pipeline_model_parallel_group(),
+        ]
+        out["chained_rows"] = sorted(gather_rows(torch.tensor([rank, 7]), chain)[:, 0].tolist())
+        error = ValueError("boom on rank 2") if rank == 2 else None
+        facts = EntryFacts(rank=rank, microbatches=4, error=error)
+        out["chained_agree"] = _outcome(lambda: agree(facts, chain))
+
     with init_megatron_parallel(tp=2, pp=2, ep=2, etp=1):
         # Stage 0 holds layers 0 and 1, both dense: its model has no PR2 router.
         config = make_moe_config(
@@ -257,6 +271,13 @@ def _check(results, case, expected):
 
 def test_valid_routes_replay_under_pp2_tp2sp_ep2_recompute(pp_runs):
     assert [r["valid"] for r in pp_runs] == ["ok"] * 4
+
+
+def test_chained_agreement_over_stage_then_pipeline(pp_runs):
+    expected = "RouteError: routing(replay): rank 2 rejected its routes: ValueError: boom on rank 2"
+    for result in pp_runs:
+        assert result["chained_rows"] == [0, 1, 2, 3]
+        assert result["chained_agree"] == expected
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED_PP))
