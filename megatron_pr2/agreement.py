@@ -13,8 +13,8 @@
 # Cost per routing() entry: one all-gather of a fixed row of len(FIELDS) int64 per rank (over the
 # world group when the stage x pipeline grid spans it, else over the stage's group and then the
 # pipeline group), i.e. N x 96 bytes for N ranks, and one host copy. Only when a rank failed, one
-# more MAX all-reduce of a TEXT_BYTES buffer carries its message. Nothing grows with microbatches,
-# layers or tokens.
+# more MAX all-reduce of TEXT_BYTES int32 (8 KB) carries its message. Nothing grows with
+# microbatches, layers or tokens.
 
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple

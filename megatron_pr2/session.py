@@ -101,6 +101,12 @@ class RoutingSession:
         tp_split = router.config.sequence_parallel and router.tp_group.size() > 1
         return tp_split or router.cp_group.size() > 1
 
+    def _sequence_split(self) -> int:
+        """Ranks sharing one sequence's tokens: TP under sequence parallelism times CP."""
+        router = self.routers[0]
+        tp = router.tp_group.size() if router.config.sequence_parallel else 1
+        return tp * router.cp_group.size()
+
     def _group_layout(self, microbatch: int, batch: RouteBatch) -> TokenLayout:
         """This rank's tokens of full (canonical) routes, from the routers' process groups."""
         if batch.seq_length is None:
@@ -144,10 +150,8 @@ class RoutingSession:
             if replayed and hidden.shape[1] > 1 and self.routes[microbatch].seq_length:
                 # The input shape is known only now: routes of [S=8, B=2] must not replay on
                 # [S=4, B=4]. (One packed THD row, B = 1, may hold several recorded rows.)
-                router = self.routers[0]
-                tp = router.tp_group.size() if router.config.sequence_parallel else 1
-                split = tp * router.cp_group.size()
-                self.routes[microbatch].check_tokens(hidden.shape[0] * split, hidden.shape[1])
+                seq_length = hidden.shape[0] * self._sequence_split()
+                self.routes[microbatch].check_tokens(seq_length, hidden.shape[1])
             if self.layout is not None or (
                 replayed
                 and (self._splits_tokens() or self.routes[microbatch].token_index is not None)
@@ -155,9 +159,7 @@ class RoutingSession:
                 layout = self.entry_layout(microbatch)
             elif self._splits_tokens():
                 # Recording under SP / CP: the full sequence is this rank's share times the split.
-                router = self.routers[0]
-                tp = router.tp_group.size() if router.config.sequence_parallel else 1
-                seq_length = hidden.shape[0] * tp * router.cp_group.size()
+                seq_length = hidden.shape[0] * self._sequence_split()
                 layout = self.router_layout(hidden.shape[1], seq_length)
             else:
                 layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
