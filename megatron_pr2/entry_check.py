@@ -189,7 +189,7 @@ def _check(
     routers = session.routers
     if not routers:
         return  # a stage without MoE layers only takes part in the agreement (and its count)
-    if routes is None:
+    if not routes:
         raise ValueError("routing mode='replay' needs routes (a RouteBatch or a list of them)")
     for i, batch in enumerate(routes):
         if not isinstance(batch, RouteBatch):
