@@ -321,9 +321,6 @@ def test_single_rank_route_and_argument_checks(pg):
         layer(x)
     routes = handle.routes
     assert routes.seq_length == 16 and routes.layer_index.tolist() == [0]
-    with pytest.raises(ValueError, match="ministep=True"):
-        with routing(layer, "replay", routes, ministep=True):
-            pass
     # Routes of [S=16, B=2] on an input of [S=8, B=4]: the same token count, other tokens.
     with pytest.raises(ValueError, match="seq_length=16.*seq_length=8 x batch_size=4"):
         with torch.no_grad(), routing(layer, "replay", routes):

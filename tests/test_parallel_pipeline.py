@@ -299,20 +299,22 @@ def test_routes_recorded_on_pp2_replay_on_a_single_rank(gpt_layouts):
 # that EVERY rank's own error is a route error (ValueError naming the route problem), i.e. no
 # rank got as far as a collective with a peer that had already given up.
 CORRUPTIONS = {
-    # name -> (launch, parallel sizes, how shards arrive, what is wrong, routing(group=))
+    # name -> (launch, parallel sizes, how shards arrive, what is wrong, routing(group=WORLD))
+    # Every case is caught by routing()'s entry agreement over the groups of the model; the
+    # group= override is exercised by the PP cases.
     # One TP rank is handed a shard for 2 fewer tokens than its routers route; its TP peer
-    # would wait in the dispatcher: the stage's ranks must agree at the first MoE layer.
+    # would wait in the dispatcher.
     "shard_wrong_token_count_tp2sp": ("stage", dict(tp=2), "direct", "tokens", False),
     # A pipeline stage is handed a shard for 2 fewer tokens / without one of its MoE layers:
-    # the other stage waits on pipeline send/recv, so the ranks of the step agree on entry.
+    # the other stage would wait on pipeline send/recv.
     "shard_wrong_token_count_pp2": ("entry", dict(pp=2), "direct", "tokens", True),
     "shard_missing_layer_pp2": ("entry", dict(pp=2), "direct", "layers", True),
     # Canonical routes on the scatter source lack MoE layer 2 (held by stage 1 only): stage 1's
     # requests fail on the source, stage 0's TP peer of the source gets a valid shard.
     "scatter_missing_layer_tp2_pp2": ("scatter", dict(tp=2, pp=2), "scatter", "layers", False),
     # TP2 without sequence parallelism x DP2: one TP rank replays different (valid) routes than
-    # its TP peer; the digest check catches it, and the other DP replica must raise too instead
-    # of waiting in the expert-parallel dispatcher.
+    # its TP peer; the agreement's digest comparison catches it, and the other DP replica must
+    # raise too instead of waiting in the expert-parallel dispatcher.
     "tp_peers_differ_tp2_dp2": ("digest", dict(tp=2, dp=2), "direct", "tp_differ", False),
 }
 
@@ -375,8 +377,7 @@ def _run_corrupted(name):
                 shards = [
                     shard_routes(_random_routes(100 + m), layout, layer_ids) for m in range(NUM_MB)
                 ]
-        # Stage-local validation cannot cover pipeline peers (stage 1 waits on stage 0's
-        # activations before its first router runs): there the ranks of the step agree on entry.
+        # The override of the agreement's groups (without it they come from the model).
         group = {"group": dist.group.WORLD} if agree_on_entry else {}
         rollout = kind == "tp_differ"  # Megatron refuses MoE + TP without SP in training
         if rollout:
