@@ -20,6 +20,7 @@ _EXPORTS = {
     "scatter_routes": "megatron_pr2.parallel",
     "gather_routes": "megatron_pr2.parallel",
     "RouteBatch": "megatron_pr2.routes",
+    "RouteError": "megatron_pr2.agreement",
     "PredictorCache": "megatron_pr2.routes",
     "TokenLayout": "megatron_pr2.routes",
     "PR2Router": "megatron_pr2.router",

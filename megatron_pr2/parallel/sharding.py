@@ -54,9 +54,17 @@ def cached_tokens(routes: RouteBatch) -> Optional[int]:
 
 def describe_layouts(local: RouteBatch, layout: TokenLayout) -> str:
     """' (shard cut for ...; this rank: ...)' where identities are known, for error messages."""
-    shard = "no identity" if local.identity is None else local.identity.describe()
-    mine = "a layout without identity" if layout.identity is None else layout.identity.describe()
-    return f" (shard cut for {shard}; this rank: {mine})"
+    if local.token_index is None:
+        shard = "routes cut for: none (canonical)"
+    else:
+        cut = "no identity" if local.identity is None else local.identity.describe()
+        shard = f"shard cut for {cut}"
+    mine = (
+        "a hand-made layout (no identity)"
+        if layout.identity is None
+        else layout.identity.describe()
+    )
+    return f" ({shard}; this rank: {mine})"
 
 
 def _slice_cache(
