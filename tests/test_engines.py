@@ -600,9 +600,9 @@ def test_roundtrip_flat_base64_is_little_endian(dtype, E) -> None:
     routes = routes_from_engine(arrays, E, 7)
     encoded = routes_to_engine(routes, lengths, dtype=dtype, base64=True)
     assert base64.b64decode(encoded[0]) == arrays[0].tobytes()  # explicit little-endian bytes
-    again = routes_from_engine(encoded, E, 7, dtype=dtype, base64_shape=(L, k))
-    assert torch.equal(again.indices, routes.indices)
     shapes = [(n, L, k) for n in lengths]
+    again = routes_from_engine(encoded, E, 7, dtype=dtype, base64_shape=shapes)
+    assert torch.equal(again.indices, routes.indices)
     as_bytes = [x.encode("ascii") for x in encoded]
     assert torch.equal(
         routes_from_engine(as_bytes, E, 7, dtype=dtype, base64_shape=shapes).indices, routes.indices
@@ -692,11 +692,17 @@ def test_generic_errors() -> None:
         ),
         (
             lambda: routes_from_engine(
-                [base64.b64encode(good[0].tobytes())], E, S_, base64_shape=(5, 2)
+                [base64.b64encode(good[0].tobytes())], E, S_, base64_shape=(5, 5, 2)
             ),
-            r"value count expected a multiple of base64_shape",
+            r"value count expected 50 for base64_shape",
         ),
-        (lambda: routes_from_engine(["###"], E, S_, base64_shape=(2, 2)), r"not valid base64"),
+        (
+            lambda: routes_from_engine(
+                [base64.b64encode(good[0].tobytes())], E, S_, base64_shape=(-1, 5, 2)
+            ),
+            r"base64_shape expected \(n, C, k\) with every size given",
+        ),
+        (lambda: routes_from_engine(["###"], E, S_, base64_shape=(1, 2, 2)), r"not valid base64"),
         (lambda: routes_from_engine([], E, S_), r"the response holds no sequence"),
         (
             lambda: routes_from_engine(good, E, S_, starts=[0]),
@@ -770,3 +776,15 @@ def test_readme_example_runs_on_the_fixtures() -> None:
         exec(compile(example, "README.md", "exec"), namespace)
     assert_placed(namespace["routes"], expected_rows())
     assert tuple(namespace["output"].shape) == (2, S, 128)
+
+
+def test_base64_with_the_wrong_dtype_is_refused() -> None:
+    # int32 routes of a 3-row sequence read as uint8 would be 4x the values: with the row count
+    # declared, the value count cannot fit, whatever the sequence length leaves room for.
+    E, k, L = 8, 1, 2
+    routes = np.array([[[1], [2]], [[3], [4]], [[5], [6]]], dtype="<i4")
+    payload = base64.b64encode(routes.tobytes())
+    again = routes_from_engine([payload], E, 64, dtype=np.int32, base64_shape=(3, L, k))
+    assert again.indices[:3].tolist() == routes.tolist()
+    with pytest.raises(ValueError, match=r"value count expected 6 .* given 24 \(another dtype\?\)"):
+        routes_from_engine([payload], E, 64, dtype=np.uint8, base64_shape=(3, L, k))

@@ -306,8 +306,9 @@ def routes_from_engine(
     """Assemble a canonical RouteBatch from per-sequence route arrays (generic form).
 
     per_sequence: one [n_b, C, k] array per sequence (numpy, torch, nested list) or base64 of
-    its flat little-endian buffer (`dtype`, default int32, and `base64_shape`: (C, k),
-    (n, C, k) with -1 allowed for n, or one shape per sequence). C is every engine layer when
+    its flat little-endian buffer (`dtype`, default int32, and `base64_shape`: the declared
+    (n, C, k) of every sequence, or one such shape per sequence; the row count n is required,
+    so a payload written with another dtype cannot fit it). C is every engine layer when
     `layout` is given (dense columns are checked against its fill and dropped), else the MoE
     layers. starts[b]: position of row 0 of sequence b (default 0). See `place` for pad_value,
     expert_map, cu_seqlens and packed_rows. Engine responses: adapters.routes_from_vllm /
@@ -325,26 +326,23 @@ def routes_from_engine(
         where = f"{caller}: sequence {b}"
         if isinstance(item, (bytes, bytearray, str)):
             if base64_shape is None:
-                raise ValueError(f"{where}: base64 data needs base64_shape ((C, k) or (n, C, k))")
+                raise ValueError(f"{where}: base64 data needs base64_shape (n, C, k)")
             shape = base64_shape
             if len(shape) and not isinstance(shape[0], (int, np.integer)):
                 shape = shape[b]  # one shape per sequence
             shape = tuple(int(x) for x in shape)
-            shape = (-1,) + shape if len(shape) == 2 else shape
-            flat, wire = decode_flat_base64(item, np.int32 if dtype is None else dtype, where)
-            per_token = int(np.prod([x for x in shape if x != -1])) if shape else 0
-            if len(shape) != 3 or per_token == 0 or flat.size % per_token:
+            if len(shape) != 3 or min(shape) < 0:
                 raise ValueError(
-                    f"{where}: value count expected a multiple of base64_shape={shape} "
-                    f"(per token {per_token}), given {flat.size}"
+                    f"{where}: base64_shape expected (n, C, k) with every size given (a row "
+                    f"count left open would let a payload of another dtype fit), given {shape}"
                 )
-            try:
-                array = flat.reshape(shape)
-            except ValueError as error:
+            flat, wire = decode_flat_base64(item, np.int32 if dtype is None else dtype, where)
+            if flat.size != int(np.prod(shape)):
                 raise ValueError(
-                    f"{where}: value count expected to fill base64_shape={shape}, given "
-                    f"{flat.size}"
-                ) from error
+                    f"{where}: value count expected {int(np.prod(shape))} for base64_shape="
+                    f"{shape} of {np.dtype(wire).name}, given {flat.size} (another dtype?)"
+                )
+            array = flat.reshape(shape)
         else:
             array, wire = decode_array(item, where)
             wire = wire if dtype is None else wire_dtype(dtype, where)
