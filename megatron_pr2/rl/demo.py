@@ -66,6 +66,17 @@ class Preset:
     """Model width."""
     num_layers: int = 4
     """MoE layers."""
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    topk: int = 2
+    """Experts per token."""
+    moe_ffn_hidden_size: int = 256
+    """Hidden size of each expert MLP."""
+    sft_freeze_router: bool = False
+    """Keep the router weights at their initialisation during SFT: the router then has small,
+    unsettled logit margins when RL starts (more experts change per update)."""
+    lab_dump_fraction: float = 0.0
+    """Fraction of loss tokens each run dumps for the predictor lab (0 = none)."""
 
 
 PRESETS = {
@@ -90,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare", action="store_true", help="run every mode x seed, write report")
     p.add_argument("--quick", action="store_true", help="smoke-sized preset (< 2 min on 2 cores)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="sizes of the run: default, quick (= --quick), drift (router drift like a 30B "
+        "model: 5-15%% of expert slots change per update)",
+    )
     p.add_argument("--mode", choices=MODES, default="pr2", help="routing mode of a single run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="--compare modes")
     p.add_argument("--seed", type=int, default=0, help="seed of a single run")
@@ -146,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="--compare: parallel worker processes (default: 2 on CPU, 1 on GPU)",
     )
     p.add_argument("--no-n1-check", action="store_true", help="skip the N=1 R2==PR2 check")
+    p.add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="write no RL checkpoints (a comparison needs none; they are most of its disk use)",
+    )
+    p.add_argument(
+        "--lab-dump-fraction",
+        type=float,
+        default=None,
+        help="fraction of loss tokens every run dumps to <run>/lab/ for the offline predictor "
+        "lab (python -m benchmarks.predictor_lab)",
+    )
     # Megatron-LM's profiling flags (launch/nsys.sh passes them); single runs only.
     p.add_argument(
         "--profile",
@@ -172,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_preset(args) -> Preset:
-    preset = dataclasses.replace(PRESETS["quick" if args.quick else "default"])
+    if args.quick and args.preset not in (None, "quick"):
+        raise ValueError(f"--quick and --preset {args.preset} contradict each other")
+    preset = dataclasses.replace(PRESETS["quick" if args.quick else args.preset or "default"])
     for field, arg in (
         ("steps", "steps"),
         ("num_ministeps", "ministeps"),
@@ -186,6 +218,7 @@ def resolve_preset(args) -> Preset:
         ("ops", "ops"),
         ("eval_problems", "eval_problems"),
         ("n1_steps", "n1_steps"),
+        ("lab_dump_fraction", "lab_dump_fraction"),
     ):
         value = getattr(args, arg)
         if value is not None:
@@ -217,6 +250,9 @@ def _configs(preset: Preset, job: dict):
     model_cfg = ModelConfig(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
+        num_experts=preset.num_experts,
+        topk=preset.topk,
+        moe_ffn_hidden_size=preset.moe_ffn_hidden_size,
         max_sequence_length=2 * task_cfg.prompt_chars + 8,
     )
     sft_cfg = SFTConfig(
@@ -224,6 +260,7 @@ def _configs(preset: Preset, job: dict):
         batch_size=preset.sft_batch_size,
         lr=preset.sft_lr,
         label_noise=preset.sft_label_noise,
+        freeze_router=preset.sft_freeze_router,
     )
     rl_cfg = RLConfig(
         mode=job["mode"],
@@ -246,7 +283,9 @@ def _configs(preset: Preset, job: dict):
             cache_tokens_per_sequence=64,
         ),
         checkpoint_interval=job.get("checkpoint_interval", 0),
+        save_checkpoints=job.get("save_checkpoints", True),
         eval_problems=preset.eval_problems,
+        lab_dump_fraction=preset.lab_dump_fraction,
     )
     return task_cfg, model_cfg, sft_cfg, rl_cfg
 
@@ -441,6 +480,7 @@ def compare(args, preset: Preset) -> int:
         "predictor": args.predictor,
         "pr2_loss": args.pr2_loss,
         "progress": True,
+        "save_checkpoints": not args.no_checkpoints,
     }
     jobs = []
     for seed in preset.seeds:
@@ -496,10 +536,21 @@ def compare(args, preset: Preset) -> int:
     pairs = [(label, "r3" if label.startswith("pr2-r3-") else "r2") for label in labels]
     pairs = [(a, b) for a, b in pairs if a.startswith("pr2-")]
     summary = report.summarize(runs, evals)
+    for job, res in zip(jobs, results):
+        if job.get("num_ministeps") != 1:
+            with open(os.path.join(job["run_dir"], "result.json"), "w") as f:
+                json.dump(report.per_seed_results(res["history"], res.get("eval", {})), f, indent=1)
     plots = report.plot_curves(runs, os.path.join(root, "plots"))
+    by_ministep = report.plot_ministep_accuracy(
+        runs, preset.num_ministeps, os.path.join(root, "plots", "route_accuracy_vs_ministep.png")
+    )
+    plots += [by_ministep] if by_ministep else []
     settings = {
-        "model": f"{preset.num_layers} MoE layers, hidden {preset.hidden_size}, 8 experts, top-2, "
-        "alltoall dispatcher, fp32 trainer / bf16 engine",
+        "preset": "quick" if args.quick else args.preset or "default",
+        "model": f"{preset.num_layers} MoE layers, hidden {preset.hidden_size}, "
+        f"{preset.num_experts} experts (ffn {preset.moe_ffn_hidden_size}), top-{preset.topk}, "
+        "alltoall dispatcher, fp32 trainer / bf16 engine"
+        + (", router kept at its init during SFT" if preset.sft_freeze_router else ""),
         "task": f"{preset.num_digits}-digit arithmetic, ops '{preset.ops}', reward 1 exact / "
         "0.5 x matching-digit fraction; SFT on "
         f"{preset.sft_steps} steps with {preset.sft_label_noise:.0%} corrupted answers",
@@ -536,13 +587,17 @@ def compare(args, preset: Preset) -> int:
         per_ministep,
         pairs,
         [a for a, b in pairs if b == "r2"],
+        smoke_test=args.quick or args.preset == "quick",
+        health=report.health_table(runs),
     )
     print()
+    if args.quick or args.preset == "quick":
+        print("SMOKE TEST (--quick): these numbers show the pipeline works, nothing more.\n")
     print(report.text_table(summary, labels))
     print()
     for line in report.headline(summary, pairs + [("r2", "none")]):
         print(line)
-    for line in report.bar_check(summary, [a for a, b in pairs if b == "r2"]):
+    for line in report.bar_check(summary, [a for a, b in pairs if b == "r2"], sft_eval):
         print(line)
     if n1_check is not None:
         print(
@@ -554,7 +609,17 @@ def compare(args, preset: Preset) -> int:
     print(f"total {timings['total']:.1f}s")
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump(
-            {"summary": summary, "n1_check": n1_check, "timings": timings}, f, indent=1, default=str
+            {
+                "summary": {
+                    label: {k: c._asdict() for k, c in row.items() if c.mean is not None}
+                    for label, row in summary.items()
+                },
+                "n1_check": n1_check,
+                "timings": timings,
+            },
+            f,
+            indent=1,
+            default=str,
         )
     return 0 if n1_check is None or n1_check["verdict"] == "IDENTICAL" else 1
 
@@ -625,7 +690,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         profile_config(args)
     except ValueError as err:
         parser.error(str(err))
-    preset = resolve_preset(args)
+    try:
+        preset = resolve_preset(args)
+    except ValueError as err:
+        parser.error(str(err))
     import torch
 
     if args.threads is not None:

@@ -89,6 +89,8 @@ class RLConfig:
     """Predictor settings (used by every mode's model; only pr2 modes train the predictor)."""
     checkpoint_interval: int = 0
     """Save a checkpoint every this many steps (0: only at the end of train())."""
+    save_checkpoints: bool = True
+    """Write checkpoints at all (False: a comparison run that will never resume)."""
     eval_problems: int = 0
     """Greedy-decoding exact-match evaluation on this many fixed held-out problems after the
     run (0 = off)."""
@@ -522,12 +524,13 @@ class RLTrainer:
                 history.append({"step": step, **m})
                 if progress:
                     self.log(_progress_line(self.cfg, step, m))
-                ci = self.cfg.checkpoint_interval
+                ci = self.cfg.checkpoint_interval if self.cfg.save_checkpoints else 0
                 if ci and self.step_index % ci == 0 and self.step_index < self.cfg.steps:
                     self.save_checkpoint()
                 if stop_after is not None and self.step_index >= stop_after:
                     return history
-            self.save_checkpoint()
+            if self.cfg.save_checkpoints:
+                self.save_checkpoint()
         finally:
             if profiler is not None:
                 profiler.close()

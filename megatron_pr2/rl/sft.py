@@ -49,6 +49,9 @@ class SFTConfig:
     """Fraction of SFT examples whose answer is corrupted (one character replaced by a wrong
     digit): imperfect demonstrations, so the warm start samples wrong answers that a verifier
     reward can teach it to avoid (RL then has something to fix within a short run)."""
+    freeze_router: bool = False
+    """Do not train the MoE router weights (they keep their initialisation): experts adapt to
+    a random router whose logit margins stay small, so RL later moves many routes."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_noise < 1.0:
@@ -118,7 +121,12 @@ def run_sft(
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Different problems on each data-parallel rank; the stream is fixed by cfg.seed.
     rng = random.Random(cfg.seed * 1000 + rank)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    params = [
+        p
+        for n, p in model.named_parameters()
+        if not (cfg.freeze_router and n.endswith("router.weight"))
+    ]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     losses = []
     t0 = time.time()
@@ -137,7 +145,7 @@ def run_sft(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         reduce_gradients(model)
-        clip_gradients(model, cfg.grad_clip)
+        clip_gradients(model, cfg.grad_clip, params)
         opt.step()
         losses.append(float(loss.detach()))
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
