@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 PREDICTOR_KINDS = ("linear", "lowrank", "bias", "lookahead")
-LOSS_KINDS = ("kl-post", "delta-kl", "l2")
+LOSS_KINDS = ("kl-post", "delta-kl", "l2", "sigmoid-kl")
 MISSING_ROUTE_POLICIES = ("error", "fallback")
 
 
@@ -36,7 +36,10 @@ class PR2Config:
     loss: str = "kl-post"
     """Predictor objective. "kl-post" (paper): KL(softmax(p_live) || softmax(p_old + h_old W_p)).
     "delta-kl": KL(softmax(p_live - p_old) || softmax(h_old W_p)). "l2": mean squared error between
-    p_old + h_old W_p and p_live. p_live is always detached: only the predictor learns from it."""
+    p_old + h_old W_p and p_live. "sigmoid-kl": per-expert Bernoulli KL between sigmoid(p_live)
+    and sigmoid(p_old + h_old W_p), for sigmoid routers with expert bias (DeepSeek-V3 style),
+    whose top-k of sigmoid(p) + bias changes under a per-token logit shift that kl-post cannot
+    see. p_live is always detached: only the predictor learns from it."""
 
     loss_coeff: float = 1.0
     """Multiplier of the predictor loss before it joins the policy loss's backward pass."""

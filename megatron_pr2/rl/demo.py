@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from megatron_pr2.config import LOSS_KINDS
 from megatron_pr2.config import PREDICTOR_KINDS as PREDICTORS
 
 # Both modules import no megatron-core (apply_cpu_patches must run first on CPU).
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pr2-loss",
-        choices=("kl-post", "delta-kl", "l2"),
+        choices=LOSS_KINDS,
         default="kl-post",
         help="PR2 predictor objective (PR2Config.loss)",
     )

@@ -49,6 +49,11 @@ class SFTConfig:
     """Fraction of SFT examples whose answer is corrupted (one character replaced by a wrong
     digit): imperfect demonstrations, so the warm start samples wrong answers that a verifier
     reward can teach it to avoid (RL then has something to fix within a short run)."""
+    leading_drop: float = 0.0
+    """Fraction of the demonstrations whose answer has a leading carry digit or minus sign
+    (longer than the operands, or negative) that drop that character: a systematic error. Above
+    0.5 the warm start's greedy answer to those problems is wrong while its samples are right
+    1 - leading_drop of the time, which a verifier reward can teach within a short run."""
     freeze_router: bool = False
     """Do not train the MoE router weights (they keep their initialisation): experts adapt to
     a random router whose logit margins stay small, so RL later moves many routes."""
@@ -56,6 +61,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"SFTConfig.label_noise must be in [0, 1), got {self.label_noise}")
+        if not 0.0 <= self.leading_drop < 1.0:
+            raise ValueError(f"SFTConfig.leading_drop must be in [0, 1), got {self.leading_drop}")
 
 
 def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torch.Tensor:
@@ -65,6 +72,26 @@ def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torc
     if len(lengths) != 1:
         raise ValueError(f"prompts tokenize to different lengths {sorted(lengths)}")
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def drop_leading(problem: Problem) -> Optional[str]:
+    """The answer without its leading carry digit or minus sign, or None when it has neither
+    (e.g. 57+68 -> '25', 12-40 -> '28')."""
+    answer = problem.answer
+    if answer.startswith("-") or len(answer) > problem.num_digits:
+        return answer[1:]
+    return None
+
+
+def demonstration(problem: Problem, cfg: "SFTConfig", rng: random.Random) -> str:
+    """The answer an SFT example shows: the reference, a systematically wrong one (leading
+    character dropped) or a randomly corrupted one (label noise)."""
+    dropped = drop_leading(problem)
+    if dropped is not None and cfg.leading_drop and rng.random() < cfg.leading_drop:
+        return dropped
+    if rng.random() < cfg.label_noise:
+        return corrupt_answer(problem.answer, rng)
+    return problem.answer
 
 
 def corrupt_answer(answer: str, rng: random.Random) -> str:
@@ -134,10 +161,7 @@ def run_sft(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         problems = task.sample(rng, cfg.batch_size)
-        answers = [
-            corrupt_answer(p.answer, rng) if rng.random() < cfg.label_noise else p.answer
-            for p in problems
-        ]
+        answers = [demonstration(p, cfg, rng) for p in problems]
         batch = sft_batch(tokenizer, problems, seq_length, answers)
         tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device)
         nll = -score(model, tokens, tokenizer.vocab_size)[0]
