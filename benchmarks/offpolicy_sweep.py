@@ -98,11 +98,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from megatron_pr2.rl import demo, report
+
     if not torch.cuda.is_available():
+        demo.quiet_te_apex_warnings(announce=True)
         from megatron_pr2.cpu import apply_cpu_patches
 
         apply_cpu_patches()
-    from megatron_pr2.rl import demo, report
 
     t0 = time.time()
     preset = dataclasses.replace(

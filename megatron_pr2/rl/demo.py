@@ -38,6 +38,9 @@ class Preset:
     """Supervised warm-start steps."""
     sft_label_noise: float = 0.3
     """Fraction of corrupted SFT answers (imperfect demonstrations for RL to correct)."""
+    sft_leading_drop: float = 0.0
+    """Fraction of SFT answers with a carry digit or minus sign that drop it (a systematic error
+    the warm start's greedy answer learns above 0.5, and RL can fix: SFTConfig.leading_drop)."""
     sft_batch_size: int = 64
     """Sequences per SFT step."""
     sft_lr: float = 3e-3
@@ -261,6 +264,7 @@ def _configs(preset: Preset, job: dict):
         batch_size=preset.sft_batch_size,
         lr=preset.sft_lr,
         label_noise=preset.sft_label_noise,
+        leading_drop=preset.sft_leading_drop,
         freeze_router=preset.sft_freeze_router,
     )
     rl_cfg = RLConfig(
@@ -404,8 +408,26 @@ def run_job(job: dict) -> dict:
     return result
 
 
+_TE_APEX = "Transformer Engine and Apex are not installed"
+
+
+def quiet_te_apex_warnings(announce: bool = False) -> None:
+    """Megatron-Core warns from four modules, in every process, that Transformer Engine and Apex
+    are missing (always true on CPU); keep one line instead (announce=True prints it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=f".*{_TE_APEX}.*")
+    if announce:
+        print(
+            f"note: {_TE_APEX}: Megatron-Core uses its local (torch) implementations; "
+            "expected on CPU (shown once)",
+            flush=True,
+        )
+
+
 def _worker(job: dict) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quiet_te_apex_warnings()
     import torch
 
     torch.set_num_threads(1)
@@ -702,6 +724,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif not torch.cuda.is_available():
         torch.set_num_threads(1)
     if not torch.cuda.is_available():
+        quiet_te_apex_warnings(announce=True)
         # Explicit, before the first megatron-core import (needed on megatron-core 0.19).
         from megatron_pr2.cpu import apply_cpu_patches
 

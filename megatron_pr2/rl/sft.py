@@ -57,10 +57,17 @@ class SFTConfig:
     freeze_router: bool = False
     """Do not train the MoE router weights (they keep their initialisation): experts adapt to
     a random router whose logit margins stay small, so RL later moves many routes."""
+    router_init_scale: float = 1.0
+    """Multiply the router weights by this before SFT (below 1: smaller logit margins between
+    experts, so a router-weight change of a given size flips more routes)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"SFTConfig.label_noise must be in [0, 1), got {self.label_noise}")
+        if not self.router_init_scale > 0:
+            raise ValueError(
+                f"SFTConfig.router_init_scale must be > 0, got {self.router_init_scale}"
+            )
         if not 0.0 <= self.leading_drop < 1.0:
             raise ValueError(f"SFTConfig.leading_drop must be in [0, 1), got {self.leading_drop}")
 
@@ -148,11 +155,12 @@ def run_sft(
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Different problems on each data-parallel rank; the stream is fixed by cfg.seed.
     rng = random.Random(cfg.seed * 1000 + rank)
-    params = [
-        p
-        for n, p in model.named_parameters()
-        if not (cfg.freeze_router and n.endswith("router.weight"))
-    ]
+    routers = {n: p for n, p in model.named_parameters() if n.endswith("router.weight")}
+    if cfg.router_init_scale != 1.0:
+        with torch.no_grad():
+            for p in routers.values():
+                p.mul_(cfg.router_init_scale)
+    params = [p for n, p in model.named_parameters() if not (cfg.freeze_router and n in routers)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     losses = []
