@@ -76,6 +76,9 @@ class RLConfig:
     """Base AdamW learning rate (predictor: lr * pr2.alpha)."""
     weight_decay: float = 0.0
     """AdamW weight decay of non-predictor parameters."""
+    router_lr_mult: float = 1.0
+    """Learning-rate multiplier of the MoE router weights (a router that moves faster than the
+    rest of the policy: more expert changes per update at a policy-safe lr)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     temperature: float = 1.0
@@ -123,6 +126,8 @@ class RLConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
+        if not self.router_lr_mult > 0:
+            raise ValueError(f"RLConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
         if not 0.0 <= self.lab_dump_fraction <= 1.0:
             raise ValueError(
                 f"RLConfig.lab_dump_fraction must be in [0, 1], got {self.lab_dump_fraction}"
@@ -186,7 +191,7 @@ class RLTrainer:
         self.model.train()
         self.engine.eval()
         self.optimizer = torch.optim.AdamW(
-            predictor_param_groups(self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay),
+            self._param_groups(),
             lr=cfg.lr,
             betas=(0.9, 0.999),
             eps=1e-8,
@@ -200,6 +205,20 @@ class RLTrainer:
         self.probe = RouteProbe(
             self.model, os.path.join(run_dir, "lab"), cfg.lab_dump_fraction, cfg.seed
         )
+
+    def _param_groups(self) -> List[dict]:
+        """predictor_param_groups, with the router weights in their own group at
+        router_lr_mult x lr when that is not 1."""
+        cfg = self.cfg
+        groups = predictor_param_groups(self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay)
+        if cfg.router_lr_mult == 1.0:
+            return groups
+        routers = {id(r.weight) for r in pr2_routers(self.model)}
+        rest = groups[0]
+        router_params = [p for p in rest["params"] if id(p) in routers]
+        rest["params"] = [p for p in rest["params"] if id(p) not in routers]
+        router_group = dict(rest, params=router_params, lr=cfg.lr * cfg.router_lr_mult)
+        return [rest, router_group] + groups[1:]
 
     # -- one rollout batch -------------------------------------------------------------------
     def _microbatches(self, perm: torch.Tensor) -> List[List[torch.Tensor]]:
