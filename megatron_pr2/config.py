@@ -8,6 +8,7 @@ from typing import Optional
 
 PREDICTOR_KINDS = ("linear", "lowrank", "bias", "lookahead")
 LOSS_KINDS = ("kl-post", "delta-kl", "l2", "sigmoid-kl")
+PREDICTOR_UPDATES = ("adam", "sgd")
 MISSING_ROUTE_POLICIES = ("error", "fallback")
 
 
@@ -48,6 +49,15 @@ class PR2Config:
     """Predictor learning-rate multiplier: the predictor trains at alpha x base lr (the paper
     sweeps 50, 1e2, 1e3, 1e4). Applied by `predictor_param_groups` / the Megatron optimizer hook."""
 
+    predictor_update: str = "adam"
+    """How the predictor's param group steps inside the model's Adam(W) optimizer. "adam": the
+    optimizer's own update at alpha x lr. "sgd": the group runs Adam with beta1 = 0 and eps = 1,
+    which is plain gradient descent at alpha x lr while |gradient| << 1 (predictor gradients
+    are): Adam's per-element normalisation otherwise turns the noise of the KL gradient into
+    steps of size lr in every element of W_p (measured: benchmarks/predictor_lab.py, README).
+    At the paper's 30B scale the predictor gradients are far below Adam's eps = 1e-8, where
+    Adam also reduces to (momentum) gradient descent."""
+
     cache_tokens_per_sequence: int = 64
     """Tokens per sequence whose (h_old, p_old) the predict_record pass caches for the predictor
     loss, sub-sampled uniformly along the sequence (a fixed stride). 0 disables the cache (the
@@ -79,6 +89,8 @@ class PR2Config:
             raise bad("predictor", f"must be one of {PREDICTOR_KINDS}")
         if self.loss not in LOSS_KINDS:
             raise bad("loss", f"must be one of {LOSS_KINDS}")
+        if self.predictor_update not in PREDICTOR_UPDATES:
+            raise bad("predictor_update", f"must be one of {PREDICTOR_UPDATES}")
         if self.missing_route_policy not in MISSING_ROUTE_POLICIES:
             raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
         if not isinstance(self.predictor_rank, int) or self.predictor_rank < 1:

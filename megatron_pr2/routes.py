@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from megatron_pr2.config import stride_for
+
 
 def bits_for(num_experts: int) -> int:
     """Bits per packed expert id (at least 1)."""
@@ -277,3 +279,38 @@ class TokenLayout:
     def is_full(self) -> bool:
         """True when this layout covers every canonical token (a permutation of 0..T-1)."""
         return self.token_index.numel() == self.num_tokens
+
+
+def cache_rows(
+    layout: TokenLayout,
+    cache_tokens_per_sequence: int,
+    eligible: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Router rows whose tokens the predictor cache keeps: a fixed stride along each sequence.
+
+    eligible: [B, S] bool in canonical order (token b * S + s), True where a token may train
+    the predictor (e.g. the loss mask: never padding or post-EOS tokens). The stride then runs
+    over each sequence's eligible tokens, so a sequence keeps up to cache_tokens_per_sequence of
+    them. Computed on the whole microbatch, so every rank of a token-split layout agrees."""
+    if eligible is None:
+        stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
+        if stride is None:
+            return torch.zeros(0, dtype=torch.int64)
+        position = layout.token_index % layout.seq_length
+        return torch.nonzero(position % stride == 0).squeeze(1)
+    eligible = eligible.detach().to("cpu", torch.bool)
+    if eligible.dim() != 2 or eligible.numel() != layout.num_tokens:
+        raise ValueError(
+            f"routing cache_mask of shape {tuple(eligible.shape)}: expected [batch, seq] with "
+            f"{layout.num_tokens} tokens (seq_length {layout.seq_length})"
+        )
+    if cache_tokens_per_sequence == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    count = eligible.sum(dim=1, keepdim=True)  # [B, 1] eligible tokens per sequence
+    if cache_tokens_per_sequence == -1:
+        stride = torch.ones_like(count)
+    else:
+        stride = (-(-count // cache_tokens_per_sequence)).clamp(min=1)
+    rank = torch.cumsum(eligible.long(), dim=1) - 1  # position among the eligible tokens
+    keep = (eligible & (rank % stride == 0)).reshape(-1)
+    return torch.nonzero(keep[layout.token_index]).squeeze(1)

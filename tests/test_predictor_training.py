@@ -35,8 +35,7 @@ def _tokens(config, seq=8, batch=3, seed=0):
 
 # -- the cache keeps only eligible tokens -------------------------------------------------------
 def test_cache_rows_stride_over_eligible_tokens():
-    from megatron_pr2.routes import TokenLayout
-    from megatron_pr2.session import cache_rows
+    from megatron_pr2.routes import TokenLayout, cache_rows
 
     layout = TokenLayout.full(6, 2)  # router row s * 2 + b holds canonical token b * 6 + s
     eligible = torch.tensor(
@@ -217,3 +216,37 @@ def test_sigmoid_kl_learns_a_per_token_shift_that_kl_post_cannot_see(pg):
     assert r2 < 0.9  # the shift moves the sigmoid + bias top-k
     assert results["kl-post"]["predictive_topk_accuracy"] < r2 + 0.03
     assert results["sigmoid-kl"]["predictive_topk_accuracy"] > r2 + 0.05, results
+
+
+def test_sgd_predictor_update_is_gradient_descent_inside_adamw():
+    from megatron_pr2.arguments import pr2_optimizer_config_overrides
+    from megatron_pr2.optim import predictor_param_groups
+
+    torch.manual_seed(0)
+    model = _predictor_model()
+    groups = predictor_param_groups(model, 1e-3, 300.0, update="sgd")
+    opt = torch.optim.AdamW(groups)
+    w0 = model.predictor.weight.detach().clone()
+    grads = []
+    for step in range(3):
+        g = torch.randn_like(w0) * 1e-4
+        grads.append(g)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        model.predictor.weight.grad = g.clone()
+        opt.step()
+    # Three steps of plain gradient descent at lr 0.3 (momentum-free, not normalised).
+    expected = w0 - 0.3 * sum(grads)
+    torch.testing.assert_close(model.predictor.weight.detach(), expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="predictor_update='momentum'"):
+        predictor_param_groups(model, 1e-3, 1.0, update="momentum")
+
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core.optimizer import OptimizerConfig
+
+    overrides = pr2_optimizer_config_overrides(OptimizerConfig(lr=1e-4), 10.0, {}, "sgd")
+    (override,) = overrides.values()
+    assert override["betas"] == (0.0, 0.999) and override["eps"] == 1.0
+    assert override["pr2_predictor"] is True and override["max_lr"] == pytest.approx(1e-3)

@@ -79,6 +79,9 @@ class RLConfig:
     router_lr_mult: float = 1.0
     """Learning-rate multiplier of the MoE router weights (a router that moves faster than the
     rest of the policy: more expert changes per update at a policy-safe lr)."""
+    router_weight_decay: Optional[float] = None
+    """AdamW (decoupled) weight decay of the router weights; None = weight_decay. A large value
+    keeps the router logits small, so their margins stay comparable to one update's change."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     temperature: float = 1.0
@@ -210,14 +213,18 @@ class RLTrainer:
         """predictor_param_groups, with the router weights in their own group at
         router_lr_mult x lr when that is not 1."""
         cfg = self.cfg
-        groups = predictor_param_groups(self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay)
-        if cfg.router_lr_mult == 1.0:
+        groups = predictor_param_groups(
+            self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay, cfg.pr2.predictor_update
+        )
+        if cfg.router_lr_mult == 1.0 and cfg.router_weight_decay is None:
             return groups
         routers = {id(r.weight) for r in pr2_routers(self.model)}
         rest = groups[0]
         router_params = [p for p in rest["params"] if id(p) in routers]
         rest["params"] = [p for p in rest["params"] if id(p) not in routers]
         router_group = dict(rest, params=router_params, lr=cfg.lr * cfg.router_lr_mult)
+        if cfg.router_weight_decay is not None:
+            router_group["weight_decay"] = cfg.router_weight_decay
         return [rest, router_group] + groups[1:]
 
     # -- one rollout batch -------------------------------------------------------------------
