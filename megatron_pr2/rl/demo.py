@@ -80,7 +80,7 @@ class Preset:
     """Keep the router weights at their initialisation during SFT: the router then has small,
     unsettled logit margins when RL starts (more experts change per update)."""
     lab_dump_fraction: float = 0.0
-    """Fraction of loss tokens each run dumps for the predictor lab (0 = none)."""
+    """Fraction of the watched tokens each run dumps for the predictor lab (0 = none)."""
 
 
 PRESETS = {
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lab-dump-fraction",
         type=float,
         default=None,
-        help="fraction of loss tokens every run dumps to <run>/lab/ for the offline predictor "
+        help="fraction of the watched tokens every run dumps to <run>/lab/ for the offline predictor "
         "lab (python -m benchmarks.predictor_lab)",
     )
     # Megatron-LM's profiling flags (launch/nsys.sh passes them); single runs only.

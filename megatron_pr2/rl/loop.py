@@ -45,7 +45,7 @@ from megatron_pr2.rl.model import (
     load_full_state_dict,
     reduce_gradients,
 )
-from megatron_pr2.rl.rollout import generate, loss_token_mask, response_mask_of, score
+from megatron_pr2.rl.rollout import generate, response_mask_of, score, used_token_mask
 from megatron_pr2.rl.route_probe import RouteProbe
 from megatron_pr2.rl.sft import prompt_tokens
 from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
@@ -101,7 +101,7 @@ class RLConfig:
     """Greedy-decoding exact-match evaluation on this many fixed held-out problems after the
     run (0 = off)."""
     lab_dump_fraction: float = 0.0
-    """Fraction of the loss tokens whose (h_old, p_old, p_live per mini-step) the route probe
+    """Fraction of the watched tokens whose (h_old, p_old, p_live per mini-step) the route probe
     dumps to <run_dir>/lab/ for the offline predictor lab (benchmarks/predictor_lab.py); 0 = no
     dump (the probe's drift metrics are measured either way)."""
 
@@ -278,8 +278,9 @@ class RLTrainer:
                 _dp_group(),
             )
         response_mask = response_mask_of(sequences, self.prompt_length)
-        # [B, S]: input tokens whose routes the loss uses; only they enter the predictor cache.
-        token_mask = loss_token_mask(response_mask)
+        # [B, S]: input tokens whose routes the loss depends on (no padding, no post-EOS):
+        # the predictor cache and the route probe take only these.
+        token_mask = used_token_mask(response_mask, self.prompt_length)
         completions = [tok.decode(s[self.prompt_length :].tolist()) for s in sequences.cpu()]
         rewards = torch.tensor(self.task.rewards(problems, completions), dtype=torch.float32)
         advantages = grpo_advantages(rewards, cfg.group_size).to(self.device)

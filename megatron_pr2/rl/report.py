@@ -355,7 +355,7 @@ def bar_check(
 def ministep_tables(
     runs: Dict[str, Dict[int, List[dict]]], num_ministeps: int, window: float = 0.5
 ) -> str:
-    """Per mini-step i (loss tokens, mean ± std over seeds): every mode's replayed-route
+    """Per mini-step i (watched tokens: no padding, mean ± std over seeds): every mode's replayed-route
     accuracy and clip fraction; for PR2 modes the paired comparison on the same tokens of the
     replayed (predicted) route and R2's TopK(p_old) against the live top-k."""
 
@@ -523,7 +523,7 @@ def plot_ministep_accuracy(
         plt.close(fig)
         return None
     ax.set_xlabel("mini-step i")
-    ax.set_ylabel("|route ∩ live top-k| / k (loss tokens)")
+    ax.set_ylabel("|route ∩ live top-k| / k (tokens the loss depends on)")
     ax.set_title("route top-k accuracy vs mini-step (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -571,8 +571,9 @@ def write_report(
         "",
         "'expert change per update' is the fraction of (token, MoE layer, slot) whose live top-k "
         "changed after one optimizer step, on the same tokens (mini-step 2 vs the old-policy "
-        "pass, tokens that feed the loss). 'replayed route acc' is |replayed route ∩ live "
-        "top-k| / k on those tokens (none: nothing is replayed); 'R2 route acc (same tokens)' is "
+        "pass, over the tokens the policy loss depends on: prompt and response, no padding). "
+        "'replayed route acc' is |replayed route ∩ live top-k| / k on those tokens (none: "
+        "nothing is replayed); 'R2 route acc (same tokens)' is "
         "|TopK(p_old) ∩ live top-k| / k on the same tokens of the same run: the paired baseline "
         "of PR2. 'cache' rows are the library's replay telemetry on the predictor-cache tokens.",
         "",
@@ -591,7 +592,7 @@ def write_report(
     pairs = list(pairs) + [("r2", "none"), ("r3", "none")]
     lines += ["", "## Headline", ""]
     lines += headline(summary, pairs)
-    lines += ["", "## Per mini-step (loss tokens)", "", per_ministep or "n/a", ""]
+    lines += ["", "## Per mini-step (tokens the loss depends on)", "", per_ministep or "n/a", ""]
     lines += [
         "## Predictor health per layer (mini-steps >= 2, paper thresholds)",
         "",
