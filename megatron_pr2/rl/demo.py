@@ -28,7 +28,9 @@ from megatron_pr2.phases import STRATEGIES as MODES
 
 @dataclasses.dataclass
 class Preset:
-    """Sizes of a demo run (everything per data-parallel rank)."""
+    """Sizes of a demo run (everything per data-parallel rank). The defaults are the drift
+    regime (README, "What the demo measured"): 5-15% of expert slots change per update, as
+    reported at 30B scale, and RL improves the greedy accuracy of the warm start."""
 
     num_digits: int = 2
     """Operand digits of the arithmetic task."""
@@ -36,15 +38,20 @@ class Preset:
     """Operators of the task ('+', '-' or '+-'; subtraction is much harder for the tiny model)."""
     sft_steps: int = 800
     """Supervised warm-start steps."""
-    sft_label_noise: float = 0.3
-    """Fraction of corrupted SFT answers (imperfect demonstrations for RL to correct)."""
-    sft_leading_drop: float = 0.0
-    """Fraction of SFT answers with a carry digit or minus sign that drop it (a systematic error
-    the warm start's greedy answer learns above 0.5, and RL can fix: SFTConfig.leading_drop)."""
+    sft_label_noise: float = 0.1
+    """Fraction of randomly corrupted SFT answers (imperfect demonstrations)."""
+    sft_leading_drop: float = 0.65
+    """Fraction of SFT answers with a carry digit or minus sign that drop it: a systematic error
+    the warm start's greedy answer learns (above 0.5) and RL with a verifier can fix (its
+    samples still show the right answer 35% of the time; SFTConfig.leading_drop)."""
     sft_batch_size: int = 64
     """Sequences per SFT step."""
     sft_lr: float = 3e-3
     """SFT peak learning rate."""
+    sft_freeze_router: bool = True
+    """Keep the router weights at their initialisation during SFT: the experts adapt to a
+    router whose logit margins are small, which RL then moves (the router SFT leaves
+    unsettled)."""
     steps: int = 40
     """RL steps per run."""
     prompts_per_step: int = 16
@@ -53,14 +60,17 @@ class Preset:
     """GRPO group size."""
     num_ministeps: int = 4
     """N mini-steps per rollout batch."""
-    lr: float = 1e-4
-    """RL base learning rate."""
-    alpha: float = 0.3
-    """Learning-rate multiplier of the learned (linear/lowrank/bias) PR2 predictors. With AdamW
-    every predictor weight moves by about alpha x lr per update, while the router it tracks
-    drifts by about lr per update: at this scale alpha in {0.1, 0.3, 1, 10} was measured and
-    0.3 did best (README); larger values overshoot the drift."""
-    seeds: tuple = (0, 1)
+    lr: float = 3e-4
+    """RL base learning rate (6e-4 and above broke the policy in our measurements)."""
+    router_weight_decay: Optional[float] = 30.0
+    """AdamW weight decay of the router weights in RL (None: like the other weights, 0): it keeps
+    the router logits small, so one update changes more routes."""
+    alpha: float = 1000.0
+    """PR2 predictor learning-rate multiplier: predictor lr = alpha x lr = 0.3, a plain gradient
+    step (predictor_update "sgd"); the best setting the predictor lab found (README)."""
+    predictor_update: str = "sgd"
+    """PR2Config.predictor_update of the learned predictors."""
+    seeds: tuple = (0, 1, 2)
     """RL seeds of the comparison."""
     n1_steps: int = 4
     """Steps of the N=1 identity check (R2 vs PR2 with one mini-step)."""
@@ -70,21 +80,20 @@ class Preset:
     """Model width."""
     num_layers: int = 4
     """MoE layers."""
-    num_experts: int = 8
+    num_experts: int = 32
     """Routed experts per MoE layer."""
-    topk: int = 2
+    topk: int = 4
     """Experts per token."""
-    moe_ffn_hidden_size: int = 256
+    moe_ffn_hidden_size: int = 64
     """Hidden size of each expert MLP."""
-    sft_freeze_router: bool = False
-    """Keep the router weights at their initialisation during SFT: the router then has small,
-    unsettled logit margins when RL starts (more experts change per update)."""
     lab_dump_fraction: float = 0.0
     """Fraction of the watched tokens each run dumps for the predictor lab (0 = none)."""
 
 
 PRESETS = {
     "default": Preset(),
+    # The same runs, named for what they are for.
+    "drift": Preset(),
     "quick": Preset(
         sft_steps=200,
         steps=4,
@@ -93,6 +102,7 @@ PRESETS = {
         num_ministeps=2,
         n1_steps=2,
         eval_problems=64,
+        seeds=(0, 1),
     ),
 }
 
@@ -109,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="sizes of the run: default, quick (= --quick), drift (router drift like a 30B "
-        "model: 5-15%% of expert slots change per update)",
+        help="sizes of the run: default (= drift: router drift like a 30B model, 5-15%% of "
+        "expert slots change per update), quick (= --quick, a smoke test)",
     )
     p.add_argument("--mode", choices=MODES, default="pr2", help="routing mode of a single run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="--compare modes")
@@ -275,6 +285,7 @@ def _configs(preset: Preset, job: dict):
         group_size=preset.group_size,
         num_ministeps=job.get("num_ministeps", preset.num_ministeps),
         lr=preset.lr,
+        router_weight_decay=preset.router_weight_decay,
         engine_dtype=job.get("engine_dtype", "bf16"),
         policy=PolicyLossConfig(
             clip_eps_low=job.get("clip_eps", 0.2),
@@ -285,6 +296,7 @@ def _configs(preset: Preset, job: dict):
             predictor=job.get("predictor", "linear"),
             loss=job.get("pr2_loss", "kl-post"),
             alpha=preset.alpha,
+            predictor_update=preset.predictor_update,
             cache_tokens_per_sequence=64,
         ),
         checkpoint_interval=job.get("checkpoint_interval", 0),
@@ -576,14 +588,17 @@ def compare(args, preset: Preset) -> int:
         + (", router kept at its init during SFT" if preset.sft_freeze_router else ""),
         "task": f"{preset.num_digits}-digit arithmetic, ops '{preset.ops}', reward 1 exact / "
         "0.5 x matching-digit fraction; SFT on "
-        f"{preset.sft_steps} steps with {preset.sft_label_noise:.0%} corrupted answers",
+        f"{preset.sft_steps} steps with {preset.sft_label_noise:.0%} corrupted answers and "
+        f"{preset.sft_leading_drop:.0%} of carry digits / minus signs dropped",
         "RL": f"{preset.steps} steps x {preset.prompts_per_step} prompts x group "
-        f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, "
-        f"{args.ratio_level}-level ratio, clip eps {args.clip_eps}",
+        f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, router "
+        f"weight decay {preset.router_weight_decay}, {args.ratio_level}-level ratio, clip eps "
+        f"{args.clip_eps}",
         "PR2 predictors": ", ".join(args.predictors) + " (lookahead: no learned parameters, W_p = "
         "0.5 x the router weight's change over the previous rollout batch; learned ones: "
         f"{args.pr2_loss} loss from mini-step 2, alpha {preset.alpha} = predictor lr "
-        f"{preset.lr * preset.alpha:g}, gradient clipped separately from the policy's)",
+        f"{preset.lr * preset.alpha:g} ({preset.predictor_update} update), gradient clipped "
+        "separately from the policy's)",
         "N=1 check": "R2 vs PR2 with the learned linear predictor",
         "seeds": list(preset.seeds),
         "world size": dist.get_world_size(),
