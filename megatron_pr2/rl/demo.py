@@ -65,6 +65,12 @@ class Preset:
     router_weight_decay: Optional[float] = 30.0
     """AdamW weight decay of the router weights in RL (None: like the other weights, 0): it keeps
     the router logits small, so one update changes more routes."""
+    aux_loss_coeff: float = 0.01
+    """Megatron load-balancing (aux) loss coefficient of the model in SFT."""
+    rl_aux_loss_coeff: Optional[float] = 0.1
+    """Aux loss coefficient in RL (None: aux_loss_coeff). A stronger balancing pressure keeps
+    the router moving towards balance at every update: a steady source of route changes that
+    does not stop RL from improving the policy (measured: README)."""
     alpha: float = 1000.0
     """PR2 predictor learning-rate multiplier: predictor lr = alpha x lr = 0.3, a plain gradient
     step (predictor_update "sgd"); the best setting the predictor lab found (README)."""
@@ -267,6 +273,7 @@ def _configs(preset: Preset, job: dict):
         num_experts=preset.num_experts,
         topk=preset.topk,
         moe_ffn_hidden_size=preset.moe_ffn_hidden_size,
+        aux_loss_coeff=preset.aux_loss_coeff,
         max_sequence_length=2 * task_cfg.prompt_chars + 8,
     )
     sft_cfg = SFTConfig(
@@ -392,6 +399,9 @@ def run_job(job: dict) -> dict:
     preset = Preset(**job["preset"])
     task, tokenizer, state, _ = prepare(job["root"], preset, job.get("ep", 1))
     _, model_cfg, _, rl_cfg = _configs(preset, job)
+    if preset.rl_aux_loss_coeff is not None:
+        # Same architecture and weights; only the RL runs' balancing loss differs from SFT's.
+        model_cfg = dataclasses.replace(model_cfg, aux_loss_coeff=preset.rl_aux_loss_coeff)
     t0 = time.time()
     trainer = RLTrainer(
         rl_cfg,
@@ -592,7 +602,8 @@ def compare(args, preset: Preset) -> int:
         f"{preset.sft_leading_drop:.0%} of carry digits / minus signs dropped",
         "RL": f"{preset.steps} steps x {preset.prompts_per_step} prompts x group "
         f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, router "
-        f"weight decay {preset.router_weight_decay}, {args.ratio_level}-level ratio, clip eps "
+        f"weight decay {preset.router_weight_decay}, aux loss {preset.rl_aux_loss_coeff}, "
+        f"{args.ratio_level}-level ratio, clip eps "
         f"{args.clip_eps}",
         "PR2 predictors": ", ".join(args.predictors) + " (lookahead: no learned parameters, W_p = "
         "0.5 x the router weight's change over the previous rollout batch; learned ones: "
