@@ -22,6 +22,7 @@
 #   lookahead@s          W_p = s x the router weight's change over the previous step
 #   linear@lr            the paper's head (kl-post), AdamW at absolute lr (also lowrank, bias)
 #   linear-sgd@lr        the same head trained by plain SGD (linear-sgdm: momentum 0.9)
+#   linear-sgdupdate@lr  PR2Config.predictor_update="sgd" (AdamW, beta1 0, eps 1): ~ linear-sgd
 #   linear-eps@lr:eps    AdamW with epsilon eps: far above |gradient| it is momentum SGD at
 #                        lr / eps (the regime of the paper's 30B runs, whose predictor
 #                        gradients are tiny)
@@ -52,6 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from megatron_pr2.config import PR2Config
+from megatron_pr2.optim import predictor_update_hyperparameters
 from megatron_pr2.predictor import build_predictor, predictor_loss
 
 DEFAULT_VARIANTS = (
@@ -154,6 +156,7 @@ def learned(
     base: Optional[Variant] = None,
     pull: float = 0.0,
     eps: float = 1e-8,
+    update: str = "adam",
 ) -> Variant:
     """The library's predictor module per layer, trained like the RL loop trains it. `base`: a
     fixed offset under the learned one; `pull`: weight of ||W_p - W_lookahead@0.5||^2."""
@@ -162,7 +165,9 @@ def learned(
     heads = torch.nn.ModuleList([build_predictor(config, hidden, experts) for _ in range(layers)])
     params = list(heads.parameters())
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=0.0)
+        # The RL loop's group: AdamW, or with predictor_update "sgd" beta1 0 and eps 1.
+        hyper = {"betas": (0.9, 0.999), "eps": eps, **predictor_update_hyperparameters(update)}
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **hyper)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9 if optimizer == "sgdm" else 0.0)
     anchor = lookahead(name + "/anchor", 0.5, experts)
@@ -280,7 +285,15 @@ def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
     if kind == "run":
         if meta.get("predictor") == "lookahead":
             return lookahead(name, float(meta.get("lookahead_scale", 0.5)), experts)
-        return learned(name, meta["predictor"], meta["predictor_lr"], shape, meta["loss"], clip)
+        return learned(
+            name,
+            meta["predictor"],
+            meta["predictor_lr"],
+            shape,
+            meta["loss"],
+            clip,
+            update=meta.get("predictor_update", "adam"),
+        )
     if kind == "r2":
         return Variant(name, lambda h, record, i: _zero(h, experts))
     if kind == "lookahead":
@@ -297,6 +310,9 @@ def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
         return learned(name, kind, values[0], shape, grad_clip=clip)
     if kind == "linear-sgd":
         return learned(name, "linear", values[0], shape, grad_clip=clip, optimizer="sgd")
+    if kind == "linear-sgdupdate":
+        # What PR2Config.predictor_update="sgd" runs: AdamW with beta1 0 and eps 1.
+        return learned(name, "linear", values[0], shape, grad_clip=clip, update="sgd")
     if kind == "linear-sgdm":
         return learned(name, "linear", values[0], shape, grad_clip=clip, optimizer="sgdm")
     if kind == "linear-eps":
@@ -419,7 +435,7 @@ def run_lab(
 
 def real_run_accuracy(run_dir: str, window: float = 0.5) -> Optional[dict]:
     """The run's own measurement (metrics.jsonl of the RL loop): replayed and stale top-k
-    accuracy at mini-steps >= 2 on all loss tokens, over the same window of steps."""
+    accuracy at mini-steps >= 2 on all watched tokens, over the same window of steps."""
     path = os.path.join(run_dir, "tb", "metrics.jsonl")
     if not os.path.exists(path):
         return None

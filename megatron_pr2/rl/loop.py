@@ -423,6 +423,7 @@ class RLTrainer:
             "predictor": cfg.pr2.predictor,
             "loss": cfg.pr2.loss,
             "predictor_lr": cfg.lr * cfg.pr2.alpha,
+            "predictor_update": cfg.pr2.predictor_update,
             "lookahead_scale": cfg.pr2.lookahead_scale,
             "grad_clip": cfg.grad_clip,
             "loss_start": cfg.pr2.loss_start_ministep,
