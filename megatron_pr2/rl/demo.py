@@ -434,11 +434,12 @@ _TE_APEX = "Transformer Engine and Apex are not installed"
 
 
 def quiet_te_apex_warnings(announce: bool = False) -> None:
-    """Megatron-Core warns from four modules, in every process, that Transformer Engine and Apex
+    """Megatron-Core warns from five modules, in every process, that Transformer Engine and Apex
     are missing (always true on CPU); keep one line instead (announce=True prints it)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=f".*{_TE_APEX}.*")
+    warnings.filterwarnings("ignore", message="Apex is not installed")
     if announce:
         print(
             f"note: {_TE_APEX}: Megatron-Core uses its local (torch) implementations; "
