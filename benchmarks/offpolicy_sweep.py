@@ -48,7 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/offpolicy_sweep")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default 2 on CPU)")
     p.add_argument("--lab-dump-fraction", type=float, default=0.0)
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override preset fields (megatron_pr2.rl.demo.Preset), e.g. sft_steps=200",
+    )
     return p
+
+
+def _overrides(pairs: List[str], preset) -> dict:
+    """FIELD=VALUE strings -> typed Preset field values (the type of the field's default)."""
+    out = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not hasattr(preset, field):
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with a Preset field")
+        default = getattr(preset, field)
+        if isinstance(default, bool):
+            out[field] = value.lower() in ("1", "true", "yes")
+        elif default is None or isinstance(default, (int, float)):
+            out[field] = None if value == "None" else type(default or 0.0)(value)
+        else:
+            out[field] = type(default)(value)
+    return out
 
 
 def _labels(modes: List[str], predictors: List[str]) -> List[tuple]:
@@ -113,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lab_dump_fraction=args.lab_dump_fraction,
         **({"steps": args.steps} if args.steps else {}),
     )
+    preset = dataclasses.replace(preset, **_overrides(args.set, preset))
     root = os.path.abspath(args.run_dir)
     _, _, _, sft_eval = demo.prepare(root, preset)
     workers = args.workers or (1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
