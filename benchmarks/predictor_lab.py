@@ -21,13 +21,21 @@
 #   r2                   zero offset (what R2 replays)
 #   lookahead@s          W_p = s x the router weight's change over the previous step
 #   linear@lr            the paper's head (kl-post), AdamW at absolute lr (also lowrank, bias)
-#   linear-sgd@lr        the same head trained by plain SGD
+#   linear-sgd@lr        the same head trained by plain SGD (linear-sgdm: momentum 0.9)
+#   linear-sgdupdate@lr  PR2Config.predictor_update="sgd" (AdamW, beta1 0, eps 1): ~ linear-sgd
+#   linear-eps@lr:eps    AdamW with epsilon eps: far above |gradient| it is momentum SGD at
+#                        lr / eps (the regime of the paper's 30B runs, whose predictor
+#                        gradients are tiny)
 #   delta-kl@lr, l2@lr   the linear head with another objective
-#   lookahead+linear@lr  a linear residual learned on top of lookahead@0.5
+#   lookahead+linear@lr  a linear residual learned on top of lookahead@0.5 (-sgd: by SGD)
 #   linear-pull@lr:c     AdamW linear head plus c x ||W_p - W_lookahead||^2
-#   hindsight:<variant>  evaluated after training on the same step (no one-batch lag; a bound)
+#   hindsight:<variant>  trained on a random half of each step's tokens, then evaluated on the
+#                        other half of the same step: no one-batch lag, no in-sample fit (a bound
+#                        on what removing the lag would give)
 #   oracle-weight        the exact future router weight, old hidden states: (W_i - W_0) h_old
 #                        (drift left unexplained is hidden-state drift; a diagnostic)
+#   oracle-linear        a linear head fitted to the step's own drift (in-sample, no lag: the
+#                        ceiling of any linear head; a diagnostic)
 #   run                  the run's own predictor and predictor lr (reproduction check)
 #
 # python -m benchmarks.predictor_lab RUN_DIR [RUN_DIR ...] [--variants ...] [--markdown PATH]
@@ -45,6 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from megatron_pr2.config import PR2Config
+from megatron_pr2.optim import predictor_update_hyperparameters
 from megatron_pr2.predictor import build_predictor, predictor_loss
 
 DEFAULT_VARIANTS = (
@@ -67,6 +76,7 @@ DEFAULT_VARIANTS = (
     "lookahead+linear@3e-6",
     "linear-pull@1e-5:100",
     "oracle-weight",
+    "oracle-linear",
     "run",
 )
 
@@ -145,6 +155,8 @@ def learned(
     optimizer: str = "adamw",
     base: Optional[Variant] = None,
     pull: float = 0.0,
+    eps: float = 1e-8,
+    update: str = "adam",
 ) -> Variant:
     """The library's predictor module per layer, trained like the RL loop trains it. `base`: a
     fixed offset under the learned one; `pull`: weight of ||W_p - W_lookahead@0.5||^2."""
@@ -153,9 +165,11 @@ def learned(
     heads = torch.nn.ModuleList([build_predictor(config, hidden, experts) for _ in range(layers)])
     params = list(heads.parameters())
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        # The RL loop's group: AdamW, or with predictor_update "sgd" beta1 0 and eps 1.
+        hyper = {"betas": (0.9, 0.999), "eps": eps, **predictor_update_hyperparameters(update)}
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **hyper)
     else:
-        opt = torch.optim.SGD(params, lr=lr)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9 if optimizer == "sgdm" else 0.0)
     anchor = lookahead(name + "/anchor", 0.5, experts)
     record_seen: Dict[str, dict] = {}
 
@@ -218,6 +232,46 @@ def oracle_weight(name: str) -> Variant:
     return Variant(name, offset)
 
 
+def oracle_linear(
+    name: str, shape: Sequence[int], iters: int = 150, lr: float = 1e-3, lag: int = 0
+) -> Variant:
+    """Fit h_old W to a step's own mini-step >= 2 drift (kl-post, Adam from zero); lag 0 uses
+    it on the same step (in-sample ceiling), lag 1 on the next step (a full fit per batch)."""
+    layers, hidden, experts = shape
+    state: Dict[str, torch.Tensor] = {}
+
+    def begin(record: dict) -> None:
+        if lag:
+            if "next" in state:
+                state["w"] = state["next"]
+            state["next"] = fit(record)
+        else:
+            state["w"] = fit(record)
+
+    def offset(h, record, i):
+        if "w" not in state:
+            return _zero(h, experts)
+        return torch.einsum("clh,leh->cle", h, state["w"])
+
+    def fit(record: dict) -> torch.Tensor:
+        keep = record["ministep"] >= 2
+        h, p_old, p_live = record["h_old"][keep], record["p_old"][keep], record["p_live"][keep]
+        w = torch.zeros(layers, experts, hidden, requires_grad=True)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(iters):
+            opt.zero_grad()
+            out = torch.einsum("clh,leh->cle", h, w)
+            loss = sum(
+                predictor_loss("kl-post", p_live[:, n], p_old[:, n], out[:, n])
+                for n in range(layers)
+            )
+            loss.backward()
+            opt.step()
+        return w.detach()
+
+    return Variant(name, offset, begin=begin, weight=lambda: state.get("w"))
+
+
 def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
     """One variant by name (see the file header)."""
     if name.startswith("hindsight:"):
@@ -231,47 +285,82 @@ def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
     if kind == "run":
         if meta.get("predictor") == "lookahead":
             return lookahead(name, float(meta.get("lookahead_scale", 0.5)), experts)
-        return learned(name, meta["predictor"], meta["predictor_lr"], shape, meta["loss"], clip)
+        return learned(
+            name,
+            meta["predictor"],
+            meta["predictor_lr"],
+            shape,
+            meta["loss"],
+            clip,
+            update=meta.get("predictor_update", "adam"),
+        )
     if kind == "r2":
         return Variant(name, lambda h, record, i: _zero(h, experts))
     if kind == "lookahead":
         return lookahead(name, values[0] if values else 0.5, experts)
     if kind == "oracle-weight":
         return oracle_weight(name)
+    if kind == "oracle-linear":
+        return oracle_linear(name, shape)
+    if kind == "fit-last":
+        return oracle_linear(name, shape, lag=1)
     if not values:
         raise ValueError(f"variant {name!r} needs a learning rate: {kind}@<lr>")
     if kind in ("linear", "lowrank", "bias"):
         return learned(name, kind, values[0], shape, grad_clip=clip)
     if kind == "linear-sgd":
         return learned(name, "linear", values[0], shape, grad_clip=clip, optimizer="sgd")
+    if kind == "linear-sgdupdate":
+        # What PR2Config.predictor_update="sgd" runs: AdamW with beta1 0 and eps 1.
+        return learned(name, "linear", values[0], shape, grad_clip=clip, update="sgd")
+    if kind == "linear-sgdm":
+        return learned(name, "linear", values[0], shape, grad_clip=clip, optimizer="sgdm")
+    if kind == "linear-eps":
+        return learned(name, "linear", values[0], shape, grad_clip=clip, eps=values[1])
     if kind in ("delta-kl", "l2"):
         return learned(name, "linear", values[0], shape, loss=kind, grad_clip=clip)
-    if kind == "lookahead+linear":
+    if kind in ("lookahead+linear", "lookahead+linear-sgd"):
         base = lookahead(name + "/base", 0.5, experts)
-        return learned(name, "linear", values[0], shape, grad_clip=clip, base=base)
+        optimizer = "sgd" if kind.endswith("-sgd") else "adamw"
+        return learned(
+            name, "linear", values[0], shape, grad_clip=clip, base=base, optimizer=optimizer
+        )
     if kind == "linear-pull":
         pull = values[1] if len(values) > 1 else 100.0
         return learned(name, "linear", values[0], shape, grad_clip=clip, pull=pull)
     raise ValueError(f"unknown predictor-lab variant {name!r} (see benchmarks/predictor_lab.py)")
 
 
-def simulate(records: List[dict], variant: Variant, loss_start: int = 2) -> List[dict]:
+def simulate(
+    records: List[dict], variant: Variant, loss_start: int = 2, train_fraction: float = 1.0
+) -> List[dict]:
     """Run one variant through a run's steps; per step and mini-step i: predicted and R2 top-k
-    accuracy on the same tokens, KL(live || pred) and KL(live || old) sums, token count."""
+    accuracy on the same tokens, KL(live || pred) and KL(live || old) sums, token count.
+    train_fraction < 1 trains on a fixed random subset of each mini-step's tokens (how much
+    does the predictor need?); accuracies are measured on all of them."""
     rows = []
+    generator = torch.Generator().manual_seed(0)
     for record in records:
         variant.begin(record)
         h, p_old, p_live = record["h_old"], record["p_old"], record["p_live"]
         k = int(record["topk"])
         steps = sorted(int(i) for i in record["ministep"].unique())
         masks = {i: record["ministep"] == i for i in steps}
+        # hindsight: disjoint halves of the step's tokens for training and for evaluation.
+        half = torch.rand(h.shape[0], generator=generator) < 0.5
+        train_masks = {i: m & half for i, m in masks.items()} if variant.hindsight else masks
+        if variant.hindsight:
+            masks = {i: m & ~half for i, m in masks.items()}
 
         def train() -> None:
             if variant.train is None:
                 return
             for i in steps:
-                if i >= loss_start and bool(masks[i].any()):
-                    variant.train(h[masks[i]], p_old[masks[i]], p_live[masks[i]])
+                m = train_masks[i]
+                if train_fraction < 1.0:
+                    m = m & (torch.rand(m.shape, generator=generator) < train_fraction)
+                if i >= loss_start and bool(m.any()):
+                    variant.train(h[m], p_old[m], p_live[m])
                 else:
                     variant.idle()
 
@@ -280,6 +369,8 @@ def simulate(records: List[dict], variant: Variant, loss_start: int = 2) -> List
         row = {"step": record["step"]}
         for i in steps:
             m = masks[i]
+            if not bool(m.any()):
+                continue
             pred = p_old[m] + variant.offset(h[m], record, i)
             live_top = p_live[m].topk(k, dim=-1).indices
             row[f"pred/{i}"] = float(overlap(pred.topk(k, dim=-1).indices, live_top).mean())
@@ -320,7 +411,10 @@ def summarize(rows: List[dict], window: float = 0.5, min_ministep: int = 2) -> d
 
 
 def run_lab(
-    run_dirs: Sequence[str], variants: Sequence[str], window: float = 0.5
+    run_dirs: Sequence[str],
+    variants: Sequence[str],
+    window: float = 0.5,
+    train_fraction: float = 1.0,
 ) -> Dict[str, List[dict]]:
     """results[variant] = one summary per run (in run_dirs order)."""
     results: Dict[str, List[dict]] = {name: [] for name in variants}
@@ -331,14 +425,17 @@ def run_lab(
         for name in variants:
             variant = build_variant(name, meta, shape)
             results[name].append(
-                summarize(simulate(records, variant, int(meta.get("loss_start", 2))), window)
+                summarize(
+                    simulate(records, variant, int(meta.get("loss_start", 2)), train_fraction),
+                    window,
+                )
             )
     return results
 
 
 def real_run_accuracy(run_dir: str, window: float = 0.5) -> Optional[dict]:
     """The run's own measurement (metrics.jsonl of the RL loop): replayed and stale top-k
-    accuracy at mini-steps >= 2 on all loss tokens, over the same window of steps."""
+    accuracy at mini-steps >= 2 on all watched tokens, over the same window of steps."""
     path = os.path.join(run_dir, "tb", "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -416,11 +513,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     p.add_argument("--window", type=float, default=0.5, help="fraction of last steps averaged")
     p.add_argument("--markdown", default=None, help="also write the table here")
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="train learned variants on this fraction of each mini-step's dumped tokens",
+    )
     p.add_argument("--json", default=None, help="per-run summaries as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    results = run_lab(args.run_dirs, args.variants, args.window)
+    results = run_lab(args.run_dirs, args.variants, args.window, args.train_fraction)
     text = markdown(results, args.run_dirs, time.time() - t0, args.window)
     print(text)
     if args.markdown:

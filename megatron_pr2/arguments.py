@@ -20,14 +20,17 @@ from megatron_pr2.config import (
     LOSS_KINDS,
     MISSING_ROUTE_POLICIES,
     PREDICTOR_KINDS,
+    PREDICTOR_UPDATES,
     PR2Config,
 )
+from megatron_pr2.optim import predictor_update_hyperparameters
 from megatron_pr2.phases import STRATEGIES
 
 _CHOICES = {
     "predictor": PREDICTOR_KINDS,
     "loss": LOSS_KINDS,
     "missing_route_policy": MISSING_ROUTE_POLICIES,
+    "predictor_update": PREDICTOR_UPDATES,
 }
 
 
@@ -117,7 +120,10 @@ def pr2_config_from_args(args: argparse.Namespace) -> PR2Config:
 
 
 def pr2_optimizer_config_overrides(
-    optimizer_config: Any, alpha: float, config_overrides: Optional[dict] = None
+    optimizer_config: Any,
+    alpha: float,
+    config_overrides: Optional[dict] = None,
+    predictor_update: str = "adam",
 ) -> dict:
     """`config_overrides` for get_megatron_optimizer with the PR2 predictor at alpha x lr.
 
@@ -142,6 +148,8 @@ def pr2_optimizer_config_overrides(
     # `pr2_predictor` marks the group (the distributed optimizer's fp32 shards lose the param
     # tag) for optim.predictor_step_frozen.
     override = {"max_lr": alpha * optimizer_config.lr, "wd_mult": 0.0, "pr2_predictor": True}
+    # PR2Config.predictor_update: per-group Adam hyperparameters (Megatron's Adam reads them).
+    override.update(predictor_update_hyperparameters(predictor_update))
     if optimizer_config.min_lr is not None:
         override["min_lr"] = alpha * optimizer_config.min_lr
     merged[ParamKey(attr="pr2_predictor")] = override
@@ -167,10 +175,10 @@ def megatron_optimizer_kwargs(
 
         names = {f.name for f in dataclasses.fields(OptimizerConfig)}
         optimizer_config = OptimizerConfig(**{k: v for k, v in vars(args).items() if k in names})
-    alpha = pr2_config_from_args(args).alpha
+    pr2 = pr2_config_from_args(args)
     return {
         "config_overrides": pr2_optimizer_config_overrides(
-            optimizer_config, alpha, config_overrides
+            optimizer_config, pr2.alpha, config_overrides, pr2.predictor_update
         )
     }
 

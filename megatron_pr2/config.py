@@ -9,7 +9,8 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 PREDICTOR_KINDS = ("linear", "lowrank", "bias", "lookahead")
-LOSS_KINDS = ("kl-post", "delta-kl", "l2")
+LOSS_KINDS = ("kl-post", "delta-kl", "l2", "sigmoid-kl")
+PREDICTOR_UPDATES = ("adam", "sgd")
 MISSING_ROUTE_POLICIES = ("error", "fallback")
 
 
@@ -38,7 +39,10 @@ class PR2Config:
     loss: str = "kl-post"
     """Predictor objective. "kl-post" (paper): KL(softmax(p_live) || softmax(p_old + h_old W_p)).
     "delta-kl": KL(softmax(p_live - p_old) || softmax(h_old W_p)). "l2": mean squared error between
-    p_old + h_old W_p and p_live. p_live is always detached: only the predictor learns from it."""
+    p_old + h_old W_p and p_live. "sigmoid-kl": per-expert Bernoulli KL between sigmoid(p_live)
+    and sigmoid(p_old + h_old W_p), for sigmoid routers with expert bias (DeepSeek-V3 style),
+    whose top-k of sigmoid(p) + bias changes under a per-token logit shift that kl-post cannot
+    see. p_live is always detached: only the predictor learns from it."""
 
     loss_coeff: float = 1.0
     """Multiplier of the predictor loss before it joins the policy loss's backward pass."""
@@ -46,6 +50,15 @@ class PR2Config:
     alpha: float = 100.0
     """Predictor learning-rate multiplier: the predictor trains at alpha x base lr (the paper
     sweeps 50, 1e2, 1e3, 1e4). Applied by `predictor_param_groups` / the Megatron optimizer hook."""
+
+    predictor_update: str = "adam"
+    """How the predictor's param group steps inside the model's Adam(W) optimizer. "adam": the
+    optimizer's own update at alpha x lr. "sgd": the group runs Adam with beta1 = 0 and eps = 1,
+    which is plain gradient descent at alpha x lr while |gradient| << 1 (predictor gradients
+    are): Adam's per-element normalisation otherwise turns the noise of the KL gradient into
+    steps of size lr in every element of W_p (measured: benchmarks/predictor_lab.py, README).
+    At the paper's 30B scale the predictor gradients are far below Adam's eps = 1e-8, where
+    Adam also reduces to (momentum) gradient descent."""
 
     cache_tokens_per_sequence: int = 64
     """Tokens per sequence whose (h_old, p_old) the predict_record pass caches for the predictor
@@ -84,6 +97,8 @@ class PR2Config:
             raise bad("predictor", f"must be one of {PREDICTOR_KINDS}")
         if self.loss not in LOSS_KINDS:
             raise bad("loss", f"must be one of {LOSS_KINDS}")
+        if self.predictor_update not in PREDICTOR_UPDATES:
+            raise bad("predictor_update", f"must be one of {PREDICTOR_UPDATES}")
         if self.missing_route_policy not in MISSING_ROUTE_POLICIES:
             raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
         if self.predictor_rank < 1:

@@ -21,13 +21,26 @@ def is_predictor_param(param: torch.nn.Parameter) -> bool:
     return bool(getattr(param, "pr2_predictor", False))
 
 
+def predictor_update_hyperparameters(update: str) -> dict:
+    """Adam(W) hyperparameters of the predictor's group for PR2Config.predictor_update: none
+    for "adam"; for "sgd" beta1 = 0 and eps = 1, so the step is lr x gradient / (1 + |v|^0.5)
+    = plain gradient descent while |gradient| << 1."""
+    if update == "adam":
+        return {}
+    if update == "sgd":
+        return {"betas": (0.0, 0.999), "eps": 1.0}
+    raise ValueError(f"predictor_update={update!r}: must be 'adam' or 'sgd'")
+
+
 def predictor_param_groups(
     model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     base_lr: float,
     alpha: float,
     weight_decay: float = 0.0,
+    update: str = "adam",
 ) -> List[dict]:
-    """Param groups: every other parameter at base_lr, predictor parameters at alpha x base_lr.
+    """Param groups: every other parameter at base_lr, predictor parameters at alpha x base_lr
+    (with the Adam hyperparameters of `update`, PR2Config.predictor_update).
 
     The predictor group has no weight decay: decay would pull the drift estimate back to R2.
     """
@@ -42,7 +55,13 @@ def predictor_param_groups(
     groups = [{"params": rest, "lr": base_lr, "weight_decay": weight_decay}]
     if predictor:
         groups.append(
-            {"params": predictor, "lr": base_lr * alpha, "weight_decay": 0.0, "pr2_predictor": True}
+            {
+                "params": predictor,
+                "lr": base_lr * alpha,
+                "weight_decay": 0.0,
+                "pr2_predictor": True,
+                **predictor_update_hyperparameters(update),
+            }
         )
     return groups
 

@@ -97,13 +97,24 @@ def predictor_loss(
 ) -> torch.Tensor:
     """Mean over tokens of the predictor objective; gradient reaches only `offset`.
 
-    kl-post:  KL(softmax(p_live) || softmax(p_old + offset))
-    delta-kl: KL(softmax(p_live - p_old) || softmax(offset))
-    l2:       mean over experts of (p_old + offset - p_live)^2
+    kl-post:    KL(softmax(p_live) || softmax(p_old + offset))
+    delta-kl:   KL(softmax(p_live - p_old) || softmax(offset))
+    l2:         mean over experts of (p_old + offset - p_live)^2
+    sigmoid-kl: sum over experts of KL(Bernoulli(sigmoid(p_live)) || Bernoulli(sigmoid(p_old +
+                offset))), i.e. the BCE between the sigmoid scores minus the target's entropy.
+                For sigmoid routers (DeepSeek-V3): they select TopK(sigmoid(p) + expert_bias)
+                (group-limited or not), which a per-token logit shift changes, while kl-post,
+                a softmax over raw logits, cannot see such a shift. The expert bias is the same
+                (live) on both sides of a replayed comparison, so it cancels in the score match.
     """
     live = live_logits.detach().float()
     old = old_logits.detach().float()
     offset = offset.float()
+    if kind == "sigmoid-kl":
+        target = torch.sigmoid(live)
+        bce = F.binary_cross_entropy_with_logits(old + offset, target, reduction="none")
+        entropy = F.binary_cross_entropy_with_logits(live, target, reduction="none")
+        return (bce - entropy).sum(dim=-1).mean()
     if kind == "kl-post":
         target, prediction = live, old + offset
     elif kind == "delta-kl":

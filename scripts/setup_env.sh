@@ -12,8 +12,14 @@ PYTHON="${PYTHON:-python3}"
 cd "$(dirname "$0")/.."
 
 if [ ! -x "${VENV_DIR}/bin/python" ]; then
+  # First run only; later runs reuse the environment and finish in seconds.
+  echo "setup: creating ${VENV_DIR} with torch ${TORCH_VERSION:-2.13.0} (CPU build), megatron-core" \
+    "${MCORE_VERSION}, megatron-pr2 and its dev tools (pytest, black, ruff, matplotlib," \
+    "tensorboard, sentencepiece): about 2 minutes and 1.4 GB on the 2-core development" \
+    "machine (first run only)" >&2
   "${PYTHON}" -m venv "${VENV_DIR}"
 fi
+start=$(date +%s)
 PIP=("${VENV_DIR}/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 case "${MCORE_VERSION}" in
@@ -26,3 +32,4 @@ esac
 # On CPU machines megatron-core 0.19 imports only after the CPU patches (no triton there).
 "${VENV_DIR}/bin/python" -c "from megatron_pr2.cpu import apply_cpu_patches; apply_cpu_patches()
 import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
+echo "setup: ${VENV_DIR} ready in $(( $(date +%s) - start )) s" >&2

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from megatron_pr2.config import LOSS_KINDS
 from megatron_pr2.config import PREDICTOR_KINDS as PREDICTORS
 
 # Both modules import no megatron-core (apply_cpu_patches must run first on CPU).
@@ -27,7 +28,9 @@ from megatron_pr2.phases import STRATEGIES as MODES
 
 @dataclasses.dataclass
 class Preset:
-    """Sizes of a demo run (everything per data-parallel rank)."""
+    """Sizes of a demo run (everything per data-parallel rank). The defaults are the drift
+    regime (README, "What the demo measured"): 5-15% of expert slots change per update, as
+    reported at 30B scale, and RL improves the greedy accuracy of the warm start."""
 
     num_digits: int = 2
     """Operand digits of the arithmetic task."""
@@ -35,12 +38,20 @@ class Preset:
     """Operators of the task ('+', '-' or '+-'; subtraction is much harder for the tiny model)."""
     sft_steps: int = 800
     """Supervised warm-start steps."""
-    sft_label_noise: float = 0.3
-    """Fraction of corrupted SFT answers (imperfect demonstrations for RL to correct)."""
+    sft_label_noise: float = 0.1
+    """Fraction of randomly corrupted SFT answers (imperfect demonstrations)."""
+    sft_leading_drop: float = 0.65
+    """Fraction of SFT answers with a carry digit or minus sign that drop it: a systematic error
+    the warm start's greedy answer learns (above 0.5) and RL with a verifier can fix (its
+    samples still show the right answer 35% of the time; SFTConfig.leading_drop)."""
     sft_batch_size: int = 64
     """Sequences per SFT step."""
     sft_lr: float = 3e-3
     """SFT peak learning rate."""
+    sft_freeze_router: bool = True
+    """Keep the router weights at their initialisation during SFT: the experts adapt to a
+    router whose logit margins are small, which RL then moves (the router SFT leaves
+    unsettled)."""
     steps: int = 40
     """RL steps per run."""
     prompts_per_step: int = 16
@@ -49,14 +60,23 @@ class Preset:
     """GRPO group size."""
     num_ministeps: int = 4
     """N mini-steps per rollout batch."""
-    lr: float = 1e-4
-    """RL base learning rate."""
-    alpha: float = 0.3
-    """Learning-rate multiplier of the learned (linear/lowrank/bias) PR2 predictors. With AdamW
-    every predictor weight moves by about alpha x lr per update, while the router it tracks
-    drifts by about lr per update: at this scale alpha in {0.1, 0.3, 1, 10} was measured and
-    0.3 did best (README); larger values overshoot the drift."""
-    seeds: tuple = (0, 1)
+    lr: float = 3e-4
+    """RL base learning rate (6e-4 and above broke the policy in our measurements)."""
+    router_weight_decay: Optional[float] = 30.0
+    """AdamW weight decay of the router weights in RL (None: like the other weights, 0): it keeps
+    the router logits small, so one update changes more routes."""
+    aux_loss_coeff: float = 0.01
+    """Megatron load-balancing (aux) loss coefficient of the model in SFT."""
+    rl_aux_loss_coeff: Optional[float] = 0.1
+    """Aux loss coefficient in RL (None: aux_loss_coeff). A stronger balancing pressure keeps
+    the router moving towards balance at every update: a steady source of route changes that
+    does not stop RL from improving the policy (measured: README)."""
+    alpha: float = 1000.0
+    """PR2 predictor learning-rate multiplier: predictor lr = alpha x lr = 0.3, a plain gradient
+    step (predictor_update "sgd"); the best setting the predictor lab found (README)."""
+    predictor_update: str = "sgd"
+    """PR2Config.predictor_update of the learned predictors."""
+    seeds: tuple = (0, 1, 2)
     """RL seeds of the comparison."""
     n1_steps: int = 4
     """Steps of the N=1 identity check (R2 vs PR2 with one mini-step)."""
@@ -66,10 +86,20 @@ class Preset:
     """Model width."""
     num_layers: int = 4
     """MoE layers."""
+    num_experts: int = 32
+    """Routed experts per MoE layer."""
+    topk: int = 4
+    """Experts per token."""
+    moe_ffn_hidden_size: int = 64
+    """Hidden size of each expert MLP."""
+    lab_dump_fraction: float = 0.0
+    """Fraction of the watched tokens each run dumps for the predictor lab (0 = none)."""
 
 
 PRESETS = {
     "default": Preset(),
+    # The same runs, named for what they are for.
+    "drift": Preset(),
     "quick": Preset(
         sft_steps=200,
         steps=4,
@@ -78,6 +108,7 @@ PRESETS = {
         num_ministeps=2,
         n1_steps=2,
         eval_problems=64,
+        seeds=(0, 1),
     ),
 }
 
@@ -90,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare", action="store_true", help="run every mode x seed, write report")
     p.add_argument("--quick", action="store_true", help="smoke-sized preset (< 2 min on 2 cores)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="sizes of the run: default (= drift: router drift like a 30B model, 5-15%% of "
+        "expert slots change per update), quick (= --quick, a smoke test)",
+    )
     p.add_argument("--mode", choices=MODES, default="pr2", help="routing mode of a single run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="--compare modes")
     p.add_argument("--seed", type=int, default=0, help="seed of a single run")
@@ -116,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pr2-loss",
-        choices=("kl-post", "delta-kl", "l2"),
+        choices=LOSS_KINDS,
         default="kl-post",
         help="PR2 predictor objective (PR2Config.loss)",
     )
@@ -146,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="--compare: parallel worker processes (default: 2 on CPU, 1 on GPU)",
     )
     p.add_argument("--no-n1-check", action="store_true", help="skip the N=1 R2==PR2 check")
+    p.add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="write no RL checkpoints (a comparison needs none; they are most of its disk use)",
+    )
+    p.add_argument(
+        "--lab-dump-fraction",
+        type=float,
+        default=None,
+        help="fraction of the watched tokens every run dumps to <run>/lab/ for the offline predictor "
+        "lab (python -m benchmarks.predictor_lab)",
+    )
     # Megatron-LM's profiling flags (launch/nsys.sh passes them); single runs only.
     p.add_argument(
         "--profile",
@@ -172,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_preset(args) -> Preset:
-    preset = dataclasses.replace(PRESETS["quick" if args.quick else "default"])
+    if args.quick and args.preset not in (None, "quick"):
+        raise ValueError(f"--quick and --preset {args.preset} contradict each other")
+    preset = dataclasses.replace(PRESETS["quick" if args.quick else args.preset or "default"])
     for field, arg in (
         ("steps", "steps"),
         ("num_ministeps", "ministeps"),
@@ -186,6 +238,7 @@ def resolve_preset(args) -> Preset:
         ("ops", "ops"),
         ("eval_problems", "eval_problems"),
         ("n1_steps", "n1_steps"),
+        ("lab_dump_fraction", "lab_dump_fraction"),
     ):
         value = getattr(args, arg)
         if value is not None:
@@ -217,6 +270,10 @@ def _configs(preset: Preset, job: dict):
     model_cfg = ModelConfig(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
+        num_experts=preset.num_experts,
+        topk=preset.topk,
+        moe_ffn_hidden_size=preset.moe_ffn_hidden_size,
+        aux_loss_coeff=preset.aux_loss_coeff,
         max_sequence_length=2 * task_cfg.prompt_chars + 8,
     )
     sft_cfg = SFTConfig(
@@ -224,6 +281,8 @@ def _configs(preset: Preset, job: dict):
         batch_size=preset.sft_batch_size,
         lr=preset.sft_lr,
         label_noise=preset.sft_label_noise,
+        leading_drop=preset.sft_leading_drop,
+        freeze_router=preset.sft_freeze_router,
     )
     rl_cfg = RLConfig(
         mode=job["mode"],
@@ -233,6 +292,7 @@ def _configs(preset: Preset, job: dict):
         group_size=preset.group_size,
         num_ministeps=job.get("num_ministeps", preset.num_ministeps),
         lr=preset.lr,
+        router_weight_decay=preset.router_weight_decay,
         engine_dtype=job.get("engine_dtype", "bf16"),
         policy=PolicyLossConfig(
             clip_eps_low=job.get("clip_eps", 0.2),
@@ -243,10 +303,13 @@ def _configs(preset: Preset, job: dict):
             predictor=job.get("predictor", "linear"),
             loss=job.get("pr2_loss", "kl-post"),
             alpha=preset.alpha,
+            predictor_update=preset.predictor_update,
             cache_tokens_per_sequence=64,
         ),
         checkpoint_interval=job.get("checkpoint_interval", 0),
+        save_checkpoints=job.get("save_checkpoints", True),
         eval_problems=preset.eval_problems,
+        lab_dump_fraction=preset.lab_dump_fraction,
     )
     return task_cfg, model_cfg, sft_cfg, rl_cfg
 
@@ -336,6 +399,9 @@ def run_job(job: dict) -> dict:
     preset = Preset(**job["preset"])
     task, tokenizer, state, _ = prepare(job["root"], preset, job.get("ep", 1))
     _, model_cfg, _, rl_cfg = _configs(preset, job)
+    if preset.rl_aux_loss_coeff is not None:
+        # Same architecture and weights; only the RL runs' balancing loss differs from SFT's.
+        model_cfg = dataclasses.replace(model_cfg, aux_loss_coeff=preset.rl_aux_loss_coeff)
     t0 = time.time()
     trainer = RLTrainer(
         rl_cfg,
@@ -364,8 +430,27 @@ def run_job(job: dict) -> dict:
     return result
 
 
+_TE_APEX = "Transformer Engine and Apex are not installed"
+
+
+def quiet_te_apex_warnings(announce: bool = False) -> None:
+    """Megatron-Core warns from five modules, in every process, that Transformer Engine and Apex
+    are missing (always true on CPU); keep one line instead (announce=True prints it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=f".*{_TE_APEX}.*")
+    warnings.filterwarnings("ignore", message="Apex is not installed")
+    if announce:
+        print(
+            f"note: {_TE_APEX}: Megatron-Core uses its local (torch) implementations; "
+            "expected on CPU (shown once)",
+            flush=True,
+        )
+
+
 def _worker(job: dict) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quiet_te_apex_warnings()
     import torch
 
     torch.set_num_threads(1)
@@ -441,6 +526,7 @@ def compare(args, preset: Preset) -> int:
         "predictor": args.predictor,
         "pr2_loss": args.pr2_loss,
         "progress": True,
+        "save_checkpoints": not args.no_checkpoints,
     }
     jobs = []
     for seed in preset.seeds:
@@ -496,20 +582,35 @@ def compare(args, preset: Preset) -> int:
     pairs = [(label, "r3" if label.startswith("pr2-r3-") else "r2") for label in labels]
     pairs = [(a, b) for a, b in pairs if a.startswith("pr2-")]
     summary = report.summarize(runs, evals)
+    for job, res in zip(jobs, results):
+        if job.get("num_ministeps") != 1:
+            with open(os.path.join(job["run_dir"], "result.json"), "w") as f:
+                json.dump(report.per_seed_results(res["history"], res.get("eval", {})), f, indent=1)
     plots = report.plot_curves(runs, os.path.join(root, "plots"))
+    by_ministep = report.plot_ministep_accuracy(
+        runs, preset.num_ministeps, os.path.join(root, "plots", "route_accuracy_vs_ministep.png")
+    )
+    plots += [by_ministep] if by_ministep else []
     settings = {
-        "model": f"{preset.num_layers} MoE layers, hidden {preset.hidden_size}, 8 experts, top-2, "
-        "alltoall dispatcher, fp32 trainer / bf16 engine",
+        "preset": "quick" if args.quick else args.preset or "default",
+        "model": f"{preset.num_layers} MoE layers, hidden {preset.hidden_size}, "
+        f"{preset.num_experts} experts (ffn {preset.moe_ffn_hidden_size}), top-{preset.topk}, "
+        "alltoall dispatcher, fp32 trainer / bf16 engine"
+        + (", router kept at its init during SFT" if preset.sft_freeze_router else ""),
         "task": f"{preset.num_digits}-digit arithmetic, ops '{preset.ops}', reward 1 exact / "
         "0.5 x matching-digit fraction; SFT on "
-        f"{preset.sft_steps} steps with {preset.sft_label_noise:.0%} corrupted answers",
+        f"{preset.sft_steps} steps with {preset.sft_label_noise:.0%} corrupted answers and "
+        f"{preset.sft_leading_drop:.0%} of carry digits / minus signs dropped",
         "RL": f"{preset.steps} steps x {preset.prompts_per_step} prompts x group "
-        f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, "
-        f"{args.ratio_level}-level ratio, clip eps {args.clip_eps}",
+        f"{preset.group_size}, N={preset.num_ministeps} mini-steps, lr {preset.lr}, router "
+        f"weight decay {preset.router_weight_decay}, aux loss {preset.rl_aux_loss_coeff}, "
+        f"{args.ratio_level}-level ratio, clip eps "
+        f"{args.clip_eps}",
         "PR2 predictors": ", ".join(args.predictors) + " (lookahead: no learned parameters, W_p = "
         "0.5 x the router weight's change over the previous rollout batch; learned ones: "
         f"{args.pr2_loss} loss from mini-step 2, alpha {preset.alpha} = predictor lr "
-        f"{preset.lr * preset.alpha:g}, gradient clipped separately from the policy's)",
+        f"{preset.lr * preset.alpha:g} ({preset.predictor_update} update), gradient clipped "
+        "separately from the policy's)",
         "N=1 check": "R2 vs PR2 with the learned linear predictor",
         "seeds": list(preset.seeds),
         "world size": dist.get_world_size(),
@@ -536,13 +637,17 @@ def compare(args, preset: Preset) -> int:
         per_ministep,
         pairs,
         [a for a, b in pairs if b == "r2"],
+        smoke_test=args.quick or args.preset == "quick",
+        health=report.health_table(runs),
     )
     print()
+    if args.quick or args.preset == "quick":
+        print("SMOKE TEST (--quick): these numbers show the pipeline works, nothing more.\n")
     print(report.text_table(summary, labels))
     print()
     for line in report.headline(summary, pairs + [("r2", "none")]):
         print(line)
-    for line in report.bar_check(summary, [a for a, b in pairs if b == "r2"]):
+    for line in report.bar_check(summary, [a for a, b in pairs if b == "r2"], sft_eval):
         print(line)
     if n1_check is not None:
         print(
@@ -554,7 +659,17 @@ def compare(args, preset: Preset) -> int:
     print(f"total {timings['total']:.1f}s")
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump(
-            {"summary": summary, "n1_check": n1_check, "timings": timings}, f, indent=1, default=str
+            {
+                "summary": {
+                    label: {k: c._asdict() for k, c in row.items() if c.mean is not None}
+                    for label, row in summary.items()
+                },
+                "n1_check": n1_check,
+                "timings": timings,
+            },
+            f,
+            indent=1,
+            default=str,
         )
     return 0 if n1_check is None or n1_check["verdict"] == "IDENTICAL" else 1
 
@@ -625,7 +740,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         profile_config(args)
     except ValueError as err:
         parser.error(str(err))
-    preset = resolve_preset(args)
+    try:
+        preset = resolve_preset(args)
+    except ValueError as err:
+        parser.error(str(err))
     import torch
 
     if args.threads is not None:
@@ -633,6 +751,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif not torch.cuda.is_available():
         torch.set_num_threads(1)
     if not torch.cuda.is_available():
+        quiet_te_apex_warnings(announce=True)
         # Explicit, before the first megatron-core import (needed on megatron-core 0.19).
         from megatron_pr2.cpu import apply_cpu_patches
 

@@ -46,7 +46,7 @@ from megatron_pr2.rl.model import (
     load_full_state_dict,
     reduce_gradients,
 )
-from megatron_pr2.rl.rollout import generate, loss_token_mask, response_mask_of, score
+from megatron_pr2.rl.rollout import generate, response_mask_of, score, used_token_mask
 from megatron_pr2.rl.route_probe import RouteProbe
 from megatron_pr2.rl.sft import prompt_tokens
 from megatron_pr2.rl.step_profiler import ProfileConfig, StepProfiler
@@ -77,6 +77,12 @@ class RLConfig:
     """Base AdamW learning rate (predictor: lr * pr2.alpha)."""
     weight_decay: float = 0.0
     """AdamW weight decay of non-predictor parameters."""
+    router_lr_mult: float = 1.0
+    """Learning-rate multiplier of the MoE router weights (a router that moves faster than the
+    rest of the policy: more expert changes per update at a policy-safe lr)."""
+    router_weight_decay: Optional[float] = None
+    """AdamW (decoupled) weight decay of the router weights; None = weight_decay. A large value
+    keeps the router logits small, so their margins stay comparable to one update's change."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     temperature: float = 1.0
@@ -90,11 +96,13 @@ class RLConfig:
     """Predictor settings (used by every mode's model; only pr2 modes train the predictor)."""
     checkpoint_interval: int = 0
     """Save a checkpoint every this many steps (0: only at the end of train())."""
+    save_checkpoints: bool = True
+    """Write checkpoints at all (False: a comparison run that will never resume)."""
     eval_problems: int = 0
     """Greedy-decoding exact-match evaluation on this many fixed held-out problems after the
     run (0 = off)."""
     lab_dump_fraction: float = 0.0
-    """Fraction of the loss tokens whose (h_old, p_old, p_live per mini-step) the route probe
+    """Fraction of the watched tokens whose (h_old, p_old, p_live per mini-step) the route probe
     dumps to <run_dir>/lab/ for the offline predictor lab (benchmarks/predictor_lab.py); 0 = no
     dump (the probe's drift metrics are measured either way)."""
 
@@ -122,6 +130,8 @@ class RLConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
+        if not self.router_lr_mult > 0:
+            raise ValueError(f"RLConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
         if not 0.0 <= self.lab_dump_fraction <= 1.0:
             raise ValueError(
                 f"RLConfig.lab_dump_fraction must be in [0, 1], got {self.lab_dump_fraction}"
@@ -185,7 +195,7 @@ class RLTrainer:
         self.model.train()
         self.engine.eval()
         self.optimizer = torch.optim.AdamW(
-            predictor_param_groups(self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay),
+            self._param_groups(),
             lr=cfg.lr,
             betas=(0.9, 0.999),
             eps=1e-8,
@@ -199,6 +209,24 @@ class RLTrainer:
         self.probe = RouteProbe(
             self.model, os.path.join(run_dir, "lab"), cfg.lab_dump_fraction, cfg.seed
         )
+
+    def _param_groups(self) -> List[dict]:
+        """predictor_param_groups, with the router weights in their own group at
+        router_lr_mult x lr when that is not 1."""
+        cfg = self.cfg
+        groups = predictor_param_groups(
+            self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay, cfg.pr2.predictor_update
+        )
+        if cfg.router_lr_mult == 1.0 and cfg.router_weight_decay is None:
+            return groups
+        routers = {id(r.weight) for r in pr2_routers(self.model)}
+        rest = groups[0]
+        router_params = [p for p in rest["params"] if id(p) in routers]
+        rest["params"] = [p for p in rest["params"] if id(p) not in routers]
+        router_group = dict(rest, params=router_params, lr=cfg.lr * cfg.router_lr_mult)
+        if cfg.router_weight_decay is not None:
+            router_group["weight_decay"] = cfg.router_weight_decay
+        return [rest, router_group] + groups[1:]
 
     # -- one rollout batch -------------------------------------------------------------------
     def _microbatches(self, perm: torch.Tensor) -> List[List[torch.Tensor]]:
@@ -251,8 +279,9 @@ class RLTrainer:
                 _dp_group(),
             )
         response_mask = response_mask_of(sequences, self.prompt_length)
-        # [B, S]: input tokens whose routes the loss uses; only they enter the predictor cache.
-        token_mask = loss_token_mask(response_mask)
+        # [B, S]: input tokens whose routes the loss depends on (no padding, no post-EOS):
+        # the predictor cache and the route probe take only these.
+        token_mask = used_token_mask(response_mask, self.prompt_length)
         completions = [tok.decode(s[self.prompt_length :].tolist()) for s in sequences.cpu()]
         rewards = torch.tensor(self.task.rewards(problems, completions), dtype=torch.float32)
         advantages = grpo_advantages(rewards, cfg.group_size).to(self.device)
@@ -395,6 +424,7 @@ class RLTrainer:
             "predictor": cfg.pr2.predictor,
             "loss": cfg.pr2.loss,
             "predictor_lr": cfg.lr * cfg.pr2.alpha,
+            "predictor_update": cfg.pr2.predictor_update,
             "lookahead_scale": cfg.pr2.lookahead_scale,
             "grad_clip": cfg.grad_clip,
             "loss_start": cfg.pr2.loss_start_ministep,
@@ -538,12 +568,13 @@ class RLTrainer:
                 history.append({"step": step, **m})
                 if progress:
                     self.log(_progress_line(self.cfg, step, m))
-                ci = self.cfg.checkpoint_interval
+                ci = self.cfg.checkpoint_interval if self.cfg.save_checkpoints else 0
                 if ci and self.step_index % ci == 0 and self.step_index < self.cfg.steps:
                     self.save_checkpoint()
                 if stop_after is not None and self.step_index >= stop_after:
                     return history
-            self.save_checkpoint()
+            if self.cfg.save_checkpoints:
+                self.save_checkpoint()
         finally:
             if profiler is not None:
                 profiler.close()

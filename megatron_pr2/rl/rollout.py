@@ -84,13 +84,15 @@ def response_mask_of(sequences: torch.Tensor, prompt_length: int) -> torch.Tenso
     return (generated & ~eos_before).float()
 
 
-def loss_token_mask(response_mask: torch.Tensor) -> torch.Tensor:
-    """[B, S - 1] target mask -> [B, S] bool over input tokens: True where the token's output
-    feeds the loss (input t predicts target t). Its routes are the ones the policy gradient
-    uses; padding, post-EOS tokens and the final EOS input are False."""
+def used_token_mask(response_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """[B, S - 1] target mask -> [B, S] bool over input tokens: True where the policy loss
+    depends on the token's routes: every prompt token (the response attends to it) and every
+    input that predicts a response target (input t predicts target t). False: padding after
+    EOS and the EOS input itself (nothing attends to it)."""
     batch, targets = response_mask.shape
     mask = torch.zeros(batch, targets + 1, dtype=torch.bool, device=response_mask.device)
     mask[:, :targets] = response_mask > 0
+    mask[:, :prompt_length] = True
     return mask
 
 

@@ -3,12 +3,13 @@
 #
 # Shapes: a microbatch of B sequences x S tokens; router rows are the flattened [S, B] layer
 # input (row s * B + b holds canonical token b * S + s). The probe watches the C_j router rows
-# whose token feeds the policy loss (input position t where loss target t is a response token);
-# per router it keeps top-k [C_j, k] and, when dumping, h [C_j, H] and logits [C_j, E].
+# of the tokens whose routes the policy loss depends on (rollout.used_token_mask: prompt and
+# response up to the input that predicts EOS, never padding); per router it keeps top-k
+# [C_j, k] and, when dumping, h [C_j, H] and logits [C_j, E].
 #
 # Why a separate probe: the library's replay telemetry exists only in replay modes and on
 # predictor-cache rows; a comparison of modes needs one measurement that is the same in all of
-# them (no replay included) and ignores prompt padding and post-EOS tokens. It uses forward
+# them (no replay included) and ignores padding and post-EOS tokens. It uses forward
 # pre-hooks on the trainer's routers, recomputes the router logits of the watched rows without
 # gradient (one [C_j, H] x [H, E] GEMM per router and pass), and never changes the forward.
 #
@@ -29,10 +30,10 @@ from megatron_pr2.routes import RouteBatch
 from megatron_pr2.telemetry import topk_overlap
 
 
-def loss_rows(token_mask: torch.Tensor) -> torch.Tensor:
-    """Router rows and canonical token ids of the tokens that feed the loss.
+def watched_rows(token_mask: torch.Tensor) -> torch.Tensor:
+    """Router rows and canonical token ids of the masked tokens.
 
-    token_mask [B, S] bool over input tokens (rollout.loss_token_mask). Returns [2, C] int64:
+    token_mask [B, S] bool over input tokens (rollout.used_token_mask). Returns [2, C] int64:
     router rows (s * B + b, the flattened [S, B] order) and canonical ids (b * S + s), both in
     router-row order."""
     batch, seq = token_mask.shape
@@ -89,8 +90,8 @@ class RouteProbe:
 
     @contextmanager
     def old_pass(self, microbatch: int, token_mask: torch.Tensor) -> Iterator[None]:
-        """The trainer's old-policy forward of `microbatch` (token_mask [B, S]: loss tokens)."""
-        self._rows[microbatch] = loss_rows(token_mask)
+        """The trainer's old-policy forward of `microbatch` (token_mask [B, S]: watched tokens)."""
+        self._rows[microbatch] = watched_rows(token_mask)
         self._old_top[microbatch] = [None] * len(self.routers)
         if 0 not in self._router_weights:
             self._router_weights[0] = self._weights()

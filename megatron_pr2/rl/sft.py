@@ -49,10 +49,27 @@ class SFTConfig:
     """Fraction of SFT examples whose answer is corrupted (one character replaced by a wrong
     digit): imperfect demonstrations, so the warm start samples wrong answers that a verifier
     reward can teach it to avoid (RL then has something to fix within a short run)."""
+    leading_drop: float = 0.0
+    """Fraction of the demonstrations whose answer has a leading carry digit or minus sign
+    (longer than the operands, or negative) that drop that character: a systematic error. Above
+    0.5 the warm start's greedy answer to those problems is wrong while its samples are right
+    1 - leading_drop of the time, which a verifier reward can teach within a short run."""
+    freeze_router: bool = False
+    """Do not train the MoE router weights (they keep their initialisation): experts adapt to
+    a random router whose logit margins stay small, so RL later moves many routes."""
+    router_init_scale: float = 1.0
+    """Multiply the router weights by this before SFT (below 1: smaller logit margins between
+    experts, so a router-weight change of a given size flips more routes)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"SFTConfig.label_noise must be in [0, 1), got {self.label_noise}")
+        if not self.router_init_scale > 0:
+            raise ValueError(
+                f"SFTConfig.router_init_scale must be > 0, got {self.router_init_scale}"
+            )
+        if not 0.0 <= self.leading_drop < 1.0:
+            raise ValueError(f"SFTConfig.leading_drop must be in [0, 1), got {self.leading_drop}")
 
 
 def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torch.Tensor:
@@ -62,6 +79,26 @@ def prompt_tokens(tokenizer: TaskTokenizer, problems: Sequence[Problem]) -> torc
     if len(lengths) != 1:
         raise ValueError(f"prompts tokenize to different lengths {sorted(lengths)}")
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def drop_leading(problem: Problem) -> Optional[str]:
+    """The answer without its leading carry digit or minus sign, or None when it has neither
+    (e.g. 57+68 -> '25', 12-40 -> '28')."""
+    answer = problem.answer
+    if answer.startswith("-") or len(answer) > problem.num_digits:
+        return answer[1:]
+    return None
+
+
+def demonstration(problem: Problem, cfg: "SFTConfig", rng: random.Random) -> str:
+    """The answer an SFT example shows: the reference, a systematically wrong one (leading
+    character dropped) or a randomly corrupted one (label noise)."""
+    dropped = drop_leading(problem)
+    if dropped is not None and cfg.leading_drop and rng.random() < cfg.leading_drop:
+        return dropped
+    if rng.random() < cfg.label_noise:
+        return corrupt_answer(problem.answer, rng)
+    return problem.answer
 
 
 def corrupt_answer(answer: str, rng: random.Random) -> str:
@@ -118,7 +155,13 @@ def run_sft(
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Different problems on each data-parallel rank; the stream is fixed by cfg.seed.
     rng = random.Random(cfg.seed * 1000 + rank)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    routers = {n: p for n, p in model.named_parameters() if n.endswith("router.weight")}
+    if cfg.router_init_scale != 1.0:
+        with torch.no_grad():
+            for p in routers.values():
+                p.mul_(cfg.router_init_scale)
+    params = [p for n, p in model.named_parameters() if not (cfg.freeze_router and n in routers)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     losses = []
     t0 = time.time()
@@ -126,10 +169,7 @@ def run_sft(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         problems = task.sample(rng, cfg.batch_size)
-        answers = [
-            corrupt_answer(p.answer, rng) if rng.random() < cfg.label_noise else p.answer
-            for p in problems
-        ]
+        answers = [demonstration(p, cfg, rng) for p in problems]
         batch = sft_batch(tokenizer, problems, seq_length, answers)
         tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device)
         nll = -score(model, tokens, tokenizer.vocab_size)[0]
@@ -137,7 +177,7 @@ def run_sft(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         reduce_gradients(model)
-        clip_gradients(model, cfg.grad_clip)
+        clip_gradients(model, cfg.grad_clip, params)
         opt.step()
         losses.append(float(loss.detach()))
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
