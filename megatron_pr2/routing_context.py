@@ -9,6 +9,8 @@
 # model; all state lives on that session and drops on exit. The handle it yields gives the
 # recorded routes and the replay telemetry.
 
+import functools
+import logging
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -18,6 +20,16 @@ from megatron_pr2.dispatch_plan import DispatchPlanUnsupported, build_dispatch_p
 from megatron_pr2.model_index import Model, pr2_routers
 from megatron_pr2.routes import RouteBatch, TokenLayout
 from megatron_pr2.session import MODES, RoutingSession
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_unplanned(reason: str) -> None:
+    # Once per process and reason: every routing() entry of the run would repeat it.
+    logging.getLogger(__name__).warning(
+        "routing(replay): no dispatch plan, each MoE layer's preprocess exchanges counts and "
+        "syncs the host as in stock Megatron-Core. Reason: %s",
+        reason,
+    )
 
 
 class RoutingHandle:
@@ -87,12 +99,14 @@ def routing(
     reach the other stages of a pipeline.
     dispatch_plan: replay only. Precompute the alltoall dispatcher's tokens_per_expert and
     all-to-all split sizes of every (microbatch, MoE layer) from the replayed routes at entry,
-    exchanged in ONE all-gather over the dispatcher's tp_ep group, so each MoE layer's
-    preprocess issues no per-layer gather and no device->host sync (dispatch_plan.py).
-    None (default): on in replay wherever it applies and a dispatcher exchanges token counts
-    (tp x ep > 1; measured faster: benchmarks/README.md), off otherwise. True: on, and a ValueError for non-alltoall dispatchers,
-    moe_pad_expert_input_to_capacity, moe_router_padding_for_quantization and CUDA graphs that
-    capture the dispatcher's preprocess. False: the stock per-layer path. Every rank of a
+    exchanged in ONE all-to-all over the dispatcher's tp_ep group (each rank receives the counts
+    of its own experts), so each MoE layer's preprocess issues no per-layer gather and no
+    device->host sync (dispatch_plan.py; FP8 routing-map padding included).
+    None (default): on in replay wherever a dispatcher exchanges token counts (tp x ep > 1;
+    measured faster: benchmarks/README.md), off otherwise; a model it cannot plan (allgather or
+    flex / DeepEP dispatchers, moe_pad_expert_input_to_capacity, CUDA graphs that capture the
+    dispatcher's preprocess) runs the stock path with a warning that says why. True: on, and a
+    ValueError with that reason instead. False: the stock per-layer path. Every rank of a
     tp_ep group must pass the same value. A (microbatch, layer) that depends on live logits
     (missing routes under the "fallback" policy, a capacity factor without recorded drops)
     runs the stock preprocess either way.
@@ -135,6 +149,10 @@ def routing(
     session = RoutingSession(
         mode, routers, list(routes) if routes else None, ministep, layout, cache_mask
     )
+    if mode == "replay":
+        # Every microbatch decoded once, here: validation, the dispatch plan and the forwards
+        # share it, and no forward decodes (no host work or sync on the per-microbatch path).
+        session.decode_all()
     if mode == "replay" and group is not None:
         # Pipeline peers never meet in the stage agreement of _bind: agree before any forward.
         session.agree_on_entry(group)
@@ -144,9 +162,10 @@ def routing(
         # none); installs nothing.
         try:
             plan = build_dispatch_plan(model, session, required=bool(dispatch_plan))
-        except DispatchPlanUnsupported:
+        except DispatchPlanUnsupported as exc:
             if dispatch_plan:
                 raise
+            _warn_unplanned(str(exc))
     for router in routers:
         if mode == "predict_record":
             router.refresh_lookahead()
@@ -162,3 +181,5 @@ def routing(
             plan.remove()
         for router in routers:
             router.session = None
+        # The handle keeps records and telemetry, not the replayed routes.
+        session.release()

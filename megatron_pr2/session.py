@@ -11,6 +11,9 @@
 # inside autograd's backward: Megatron's full and selective recompute) is again microbatch n.
 # This holds for every Megatron-Core schedule (no pipelining, 1F1B, interleaved), which run the
 # backward passes of one model chunk in forward order.
+#
+# Memory (residency.py): replayed routes are decoded once per context on the host and are on the
+# device only while their microbatch is in flight; records go to the host as they are made.
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -20,9 +23,16 @@ import torch
 from megatron_pr2.config import PR2Config
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.collectives import raise_on_any_rank
-from megatron_pr2.records import assemble_record, cache_rows
+from megatron_pr2.records import assemble_record, cache_rows, host_record
+from megatron_pr2.residency import (
+    HostRoutes,
+    Residency,
+    cache_torch_dtype,
+    decode_host,
+    reorder_rows,
+)
 from megatron_pr2.router import PR2Router, Recorded, RouteAnswer
-from megatron_pr2.routes import RouteBatch, TokenLayout
+from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -34,33 +44,12 @@ def _in_backward() -> bool:
 
 
 @dataclass
-class _LocalRoutes:
-    """One microbatch's routes decoded for this rank's router rows (shared by its routers)."""
-
-    indices: torch.Tensor  # [T_local, L, k]
-    dropped: Optional[torch.Tensor]  # [T_local, L, k]
-    columns: Dict[int, int]  # global MoE-layer id -> column
-    cache_rows: Optional[torch.Tensor] = None  # [C_local] router rows of cached tokens
-    cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
-    cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
-    has_missing: bool = False  # some (token, layer) has no route (fallback policy only)
-    cache_share: Optional[float] = None  # C_local / C of the microbatch (token-sharding ranks)
-
-    def to(self, device: torch.device) -> "_LocalRoutes":
-        """Move every tensor to `device` once per microbatch (not once per layer)."""
-        for name in ("indices", "dropped", "cache_rows", "cache_hidden", "cache_logits"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device, non_blocking=True))
-        return self
-
-
-@dataclass
 class _RouterState:
     forward_calls: int = 0
     recompute_calls: int = 0
-    recorded: List[Recorded] = field(default_factory=list)
+    recorded: List[Recorded] = field(default_factory=list)  # host copies (residency.host_copy)
     stats: LayerStats = field(default_factory=LayerStats)
+    column: int = 0  # the router's column in this rank's decoded routes (ascending MoE-layer id)
 
 
 class RoutingSession:
@@ -82,11 +71,27 @@ class RoutingSession:
         self.layout = layout
         self.cache_mask = cache_mask
         self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
+        by_layer = sorted(routers, key=lambda r: r.moe_layer_id)
+        for column, router in enumerate(by_layer):
+            self.states[id(router)].column = column
+        self._layer_ids = [r.moe_layer_id for r in by_layer]
         self._layouts: Dict[int, TokenLayout] = {}
-        # predict_record: the cached router rows of each microbatch, on the hidden states'
-        # device, computed once for all layers (a CPU index would be copied per layer).
+        self._entry_layouts: Dict[int, TokenLayout] = {}
+        self._full_layouts: Dict[tuple, TokenLayout] = {}
+        # predict_record: cached router rows per microbatch on the device until all recorded,
+        # on the host for the handle.
         self._cache_rows: Dict[int, torch.Tensor] = {}
-        self._local: Dict[int, _LocalRoutes] = {}
+        self._record_rows: Dict[int, torch.Tensor] = {}
+        # Replay: every microbatch decoded once (host); bound (validated by _bind); on device.
+        self._decoded: Dict[int, HostRoutes] = {}
+        self._decoded_layout: Dict[int, TokenLayout] = {}
+        self._local: Dict[int, HostRoutes] = {}
+        self._cuda_records = False
+        self.residency: Optional[Residency] = None
+        if routes is not None:
+            bound = lambda m: self._local.get(m) or self._decoded.get(m)  # noqa: E731
+            config = routers[0].pr2_config
+            self.residency = Residency(len(routes), bound, cache_torch_dtype(config))
 
     # -- per-microbatch views ------------------------------------------------------------------
     def _splits_tokens(self) -> bool:
@@ -110,19 +115,33 @@ class RoutingSession:
     def entry_layout(self, microbatch: int) -> TokenLayout:
         """The tokens this rank routes in a replayed microbatch, known before its forward:
         routing(layout=), else a sharded RouteBatch's own token_index, else this rank's share of
-        a full RouteBatch (all of its tokens unless SP / CP split them; in canonical order: the
-        row order of unsplit full routes comes from the forward's input shape, see _layout_for;
-        validation and token counts do not depend on it)."""
+        a full RouteBatch (all of its tokens unless SP / CP split them: sequence-major [S, B]
+        when seq_length is known, else canonical order, which a B > 1 forward reorders)."""
         if self.layout is not None:
             return self.layout
+        layout = self._entry_layouts.get(microbatch)
+        if layout is not None:
+            return layout
         batch = self.routes[microbatch]
         if batch.token_index is not None:
-            return TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length)
-        if self._splits_tokens():
-            return self._group_layout(microbatch, batch)
-        return TokenLayout(
-            torch.arange(batch.num_tokens), batch.num_tokens, batch.seq_length or batch.num_tokens
-        )
+            layout = TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length)
+        elif self._splits_tokens():
+            layout = self._group_layout(microbatch, batch)
+        elif batch.seq_length and batch.num_tokens % batch.seq_length == 0:
+            # The forward's own row order ([S, B] sequence-major), so its decode is this one.
+            layout = self._full_layout(batch.seq_length, batch.num_tokens // batch.seq_length)
+        else:
+            layout = self._full_layout(batch.num_tokens, 1)  # canonical order 0..T-1
+        self._entry_layouts[microbatch] = layout
+        return layout
+
+    def _full_layout(self, seq_length: int, batch_size: int) -> TokenLayout:
+        """TokenLayout.full, one shared object per shape (not one [T] tensor per microbatch;
+        the same object at entry and forward means the same decode)."""
+        key = (seq_length, batch_size)
+        if key not in self._full_layouts:
+            self._full_layouts[key] = TokenLayout.full(seq_length, batch_size)
+        return self._full_layouts[key]
 
     def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
         layout = self._layouts.get(microbatch)
@@ -141,7 +160,7 @@ class RoutingSession:
                 seq_length = hidden.shape[0] * tp * router.cp_group.size()
                 layout = router_layout(router, hidden.shape[1], seq_length)
             else:
-                layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
+                layout = self._full_layout(hidden.shape[0], hidden.shape[1])
             if layout.token_index.numel() != rows:
                 raise ValueError(
                     f"microbatch {microbatch}: the router sees {rows} tokens "
@@ -153,9 +172,11 @@ class RoutingSession:
 
     def decode(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
-    ) -> _LocalRoutes:
-        """Decode and validate one microbatch's routes for this rank's router rows; with_cache
-        False skips the predictor cache (for callers that only count or validate routes)."""
+    ) -> HostRoutes:
+        """Decode and validate one microbatch's routes for this rank's router rows, once per
+        context (routing() entry, the dispatch plan and the first forward share it). The
+        predictor cache is never copied here (residency.py reads it per column at upload), so
+        with_cache=False (callers that only count or validate routes) costs the same."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -168,33 +189,39 @@ class RoutingSession:
                 f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
                 f"has {layout.num_tokens}"
             )
-        rows = batch.rows_for(layout.token_index)
-        layer_ids = batch.layer_index
-        if layer_ids is None:
-            layer_ids = torch.arange(batch.num_layers)
-        expected = {r.moe_layer_id for r in self.routers}
-        absent = sorted(expected - set(layer_ids.tolist()))
-        if absent:
-            raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
-        dropped = batch.dropped
-        local = _LocalRoutes(
-            indices=batch.indices[rows],
-            dropped=None if dropped is None else dropped[rows],
-            columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
+        decoded = self._decoded.get(microbatch)
+        if decoded is None or self._decoded_layout[microbatch] is not layout:
+            if (
+                decoded is not None
+                and layout.is_full()
+                and self._decoded_layout[microbatch].is_full()
+            ):
+                # Same tokens in another row order (full routes of B > 1 sequences are decoded
+                # in canonical order at entry, the forward routes them sequence-major).
+                decoded = reorder_rows(decoded, self._decoded_layout[microbatch], layout, batch)
+            else:
+                decoded = self._decode(microbatch, layout, router)
+            self._decoded[microbatch] = decoded
+            self._decoded_layout[microbatch] = layout
+        return decoded
+
+    def decode_all(self) -> None:
+        """routing() entry: decode every microbatch once. A microbatch that fails is left for
+        its first forward, whose _bind raises on every rank of the stage."""
+        for microbatch in range(len(self.routes)):
+            try:
+                self.decode(microbatch, self.entry_layout(microbatch), self.routers[0])
+            except ValueError:
+                pass
+
+    def _decode(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> HostRoutes:
+        batch = self.routes[microbatch]
+        has_missing = _check_missing(batch, microbatch, router.pr2_config)
+        dtype = torch.int16 if has_missing else narrowest_int_dtype(batch.num_experts)
+        local = decode_host(
+            batch, layout, self._layer_ids, microbatch, dtype, router.weight.is_cuda
         )
-        local.has_missing = _check_missing(batch, microbatch, router.pr2_config)
-        if batch.cache is not None and with_cache:
-            position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
-            position[layout.token_index] = torch.arange(layout.token_index.numel())
-            cached_rows = position[batch.cache.token_index]
-            here = cached_rows >= 0
-            local.cache_rows = cached_rows[here]
-            local.cache_hidden, local.cache_logits = batch.cache.hidden, batch.cache.logits
-            if not bool(here.all()):  # boolean indexing copies: only when some rows are not here
-                local.cache_hidden, local.cache_logits = (
-                    local.cache_hidden[here],
-                    local.cache_logits[here],
-                )
+        local.has_missing = has_missing
         return local
 
     def _bind(self, router: PR2Router, microbatch: int, hidden: torch.Tensor) -> None:
@@ -237,15 +264,17 @@ class RoutingSession:
             device=hidden.device,
         )
         if local.cache_rows is not None:
-            mine = float(local.cache_rows.numel())
-            count = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
+            mine = total = float(local.cache_rows.numel())
             # Ranks holding different tokens of this microbatch: TP x CP under sequence
             # parallelism, CP alone otherwise (TP peers then route the same tokens).
             shards = router.tp_cp_group if router.config.sequence_parallel else router.cp_group
             if torch.distributed.is_initialized() and shards.size() > 1:
+                count = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
                 torch.distributed.all_reduce(count, group=shards)
-            local.cache_share = mine / float(count) if float(count) > 0 else 0.0
-        self._local[microbatch] = local.to(hidden.device)
+                total = float(count)
+            local.cache_share = mine / total if total > 0 else 0.0
+        # Host only: residency.py puts it on the device while it is in flight.
+        self._local[microbatch] = local
 
     def agree_on_entry(self, group) -> None:
         """Validate every microbatch's routes before any forward and raise on every rank of
@@ -294,8 +323,11 @@ class RoutingSession:
         if self.mode != "replay":
             layout = self._layout_for(microbatch, hidden)
             if recompute:
+                # The record went to the host at the forward; back for the recompute.
                 done = state.recorded[microbatch]
-                answer.target, answer.dropped = done.top_indices, done.dropped
+                answer.target = done.top_indices.to(hidden.device, non_blocking=True)
+                if done.dropped is not None:
+                    answer.dropped = done.dropped.to(hidden.device, non_blocking=True)
             elif self.mode == "predict_record":
                 answer.cache_rows = self._record_cache_rows(microbatch, layout, router, hidden)
             return answer
@@ -308,25 +340,38 @@ class RoutingSession:
         if microbatch not in self._local:
             self._bind(router, microbatch, hidden)
         local = self._local[microbatch]
-        column = local.columns[router.moe_layer_id]
+        column = state.column
+        on_device = self.residency.take(microbatch, column, hidden.device)
         config = router.pr2_config
-        answer.target = local.indices[:, column]
-        answer.dropped = None if local.dropped is None else local.dropped[:, column]
+        answer.target = on_device.indices[column]
+        answer.dropped = None if on_device.dropped is None else on_device.dropped[column]
         answer.fill_missing = local.has_missing
         answer.telemetry = config.telemetry and not recompute
-        if local.cache_rows is not None and local.cache_rows.numel() > 0:
-            answer.cache_rows = local.cache_rows
-            answer.cache_hidden = local.cache_hidden[:, column]
-            answer.cache_logits = local.cache_logits[:, column]
+        if local.has_cache:
+            answer.cache_rows = on_device.cache_rows
+            answer.cache_hidden = on_device.cache_hidden[column]
+            answer.cache_logits = on_device.cache_logits[column]
             answer.cache_share = local.cache_share
             answer.train_predictor = (
                 self.ministep >= config.loss_start_ministep and router.predictor_trainable
             )
+        answer.keep_predictor_grads = (
+            router.predictor_trainable
+            and not answer.train_predictor
+            and microbatch == len(self.routes) - 1
+        )
+        # The answer holds what this call needs (and autograd what its backward needs).
+        self.residency.consumed(microbatch, column)
         return answer
 
     def save(self, router: PR2Router, record: Recorded) -> None:
-        """Keep what `router` recorded for its latest forward (microbatch order)."""
-        self.states[id(router)].recorded.append(record)
+        """Keep what `router` recorded for its latest forward (microbatch order), on the host."""
+        state = self.states[id(router)]
+        self._cuda_records |= record.top_indices.is_cuda
+        state.recorded.append(host_record(router, record))
+        microbatch = len(state.recorded) - 1
+        if all(len(self.states[id(r)].recorded) > microbatch for r in self.routers):
+            self._cache_rows.pop(microbatch, None)  # every router has recorded it
 
     def _record_cache_rows(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, hidden: torch.Tensor
@@ -345,12 +390,23 @@ class RoutingSession:
                     )
                 eligible = self.cache_mask[microbatch]
             rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence, eligible)
+            self._record_rows[microbatch] = rows  # host, for the handle's RouteBatch
             rows = self._cache_rows[microbatch] = rows.to(hidden.device)
         return rows
 
     # -- results -------------------------------------------------------------------------------
     def layer_ids(self) -> List[int]:
         return sorted(r.moe_layer_id for r in self.routers)
+
+    def release(self) -> None:
+        """routing() exit: drop the replayed routes (host and device); records and telemetry
+        stay for the handle."""
+        if self.residency is not None:
+            self.residency.release_all()
+        self._decoded.clear()
+        self._decoded_layout.clear()
+        self._local.clear()
+        self._cache_rows.clear()
 
     def close(self) -> None:
         """Check that every route was consumed exactly once per router."""
@@ -372,12 +428,14 @@ class RoutingSession:
         """One RouteBatch per recorded microbatch (canonical order when this rank saw it all)."""
         routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
         calls = self.states[id(routers[0])].forward_calls
+        if self._cuda_records:
+            torch.cuda.synchronize()  # once: the records' non_blocking copies to the host
         return [
             assemble_record(
                 routers,
                 [self.states[id(r)].recorded[m] for r in routers],
                 self._layouts[m],
-                self._cache_rows.get(m),
+                self._record_rows.get(m),
             )
             for m in range(calls)
         ]
