@@ -443,13 +443,29 @@ def count_ops(run: Callable[[], None], between: Callable[[], None]) -> Dict[str,
 
 
 def count_call_ops(bench: "Bench", name: str) -> Dict[str, int]:
-    """Router fwd+bwd ops of variant `name`: per router call inside a context (the cost of one
-    more microbatch: contexts of 2 and 1 microbatches, differenced) and per context."""
-    one = count_ops(bench.job(name, "router", microbatches=1), bench.zero_grads)
-    two = count_ops(bench.job(name, "router", microbatches=2), bench.zero_grads)
+    """Router fwd+bwd ops of variant `name`: of one router call in the middle of a context (the
+    second of three microbatches, gradients cleared before each, so no accumulation op: the hot
+    path), and of the rest of a one-microbatch context (entry, binding, exit, packing)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    layer, context, post = bench.variant(name)
+    bench.microbatches = 3
+    with context() as handle:
+        for step in range(3):
+            bench.zero_grads()
+            profiled = step == 1
+            profiler = torch_profile(activities=[ProfilerActivity.CPU])
+            with profiler if profiled else contextlib.nullcontext():
+                probs, _ = layer.router(bench.x)
+                probs.backward(bench.grad_probs.to(probs.dtype))
+            if profiled:
+                call = _op_counts(profiler)
+        post(handle)
+    bench.zero_grads()
+    whole = count_ops(bench.job(name, "router", microbatches=1), bench.zero_grads)
     bench.microbatches = bench.args.microbatches
-    call = {key: two[key] - one[key] for key in one}
-    return dict(call, **{f"context_{key}": one[key] - call[key] for key in one})
+    return dict(call, **{f"context_{key}": whole[key] - call[key] for key in call})
 
 
 def _op_counts(prof) -> Dict[str, int]:
