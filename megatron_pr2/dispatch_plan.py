@@ -283,7 +283,6 @@ def _local_counts(
         indices = local.indices  # [L, T_local, k], columns in ascending MoE-layer id = plan's
         tokens = indices.shape[1]
         num_tokens.append(tokens)
-        flat = indices.to(torch.int32) + offset
         live = torch.zeros(num_layers, dtype=torch.bool)
         if local.has_missing:  # missing tokens take the live top-k
             live |= (indices < 0).flatten(1).any(dim=1)
@@ -293,9 +292,16 @@ def _local_counts(
             kept = indices >= 0
             if local.dropped is not None:
                 kept &= ~(local.dropped & capacity.view(-1, 1, 1))
-            flat = flat[kept]
-        mine = torch.bincount(flat.reshape(-1), minlength=num_layers * num_experts)
-        mine = mine.view(num_layers, num_experts).to(torch.int32)
+            flat = (indices.to(torch.int32) + offset)[kept]
+            mine = torch.bincount(flat, minlength=num_layers * num_experts)
+            mine = mine.view(num_layers, num_experts).to(torch.int32)
+        else:  # every slot counts: one bincount per layer on the narrow ids
+            mine = torch.stack(
+                [
+                    torch.bincount(indices[j].view(-1), minlength=num_experts)
+                    for j in range(num_layers)
+                ]
+            ).to(torch.int32)
         for j, pad in enumerate(pads):
             if pad is not None:  # pad_routing_map: up to a multiple, at most every token
                 mine[j] = torch.clamp(mine[j] + (-mine[j]) % pad, max=tokens)

@@ -76,34 +76,50 @@ def decode_host(
     microbatch: int,
     dtype: torch.dtype,
     pin: bool,
+    same_rows: bool = False,
 ) -> HostRoutes:
     """`batch` decoded for the router rows of `layout` and the MoE layers `layer_ids` (ascending:
-    the session's columns), indices in `dtype`; pinned for CUDA uploads when `pin`."""
-    rows = batch.rows_for(layout.token_index)
+    the session's columns), indices in `dtype`; pinned for CUDA uploads when `pin`.
+    same_rows: the layout's rows are the batch's rows in order (no row gather): unsharded
+    routes of one sequence, or a shard replayed on the layout it was cut for."""
     batch_layers = batch.layer_index
     if batch_layers is None:
-        batch_layers = torch.arange(batch.num_layers)
-    position_of = {layer: col for col, layer in enumerate(batch_layers.tolist())}
+        position_of = {layer: layer for layer in range(batch.num_layers)}
+    else:
+        position_of = {layer: col for col, layer in enumerate(batch_layers.tolist())}
     absent = sorted(set(layer_ids) - set(position_of))
     if absent:
         raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
     source = [position_of[layer] for layer in layer_ids]
-    # One gather into layer-major [L_local, T_local, k]: a column is one contiguous block.
-    pick = (torch.tensor(source).view(-1, 1), rows.view(1, -1))
+
+    def layer_major(values: torch.Tensor) -> torch.Tensor:
+        # [T, L_b, k] -> [L_local, T_local, k]: one contiguous block per column.
+        values = values.transpose(0, 1)
+        if same_rows:
+            if source == list(range(batch.num_layers)):
+                return values.contiguous()
+            return values[source]
+        rows = batch.rows_for(layout.token_index)
+        return values[torch.tensor(source).view(-1, 1), rows.view(1, -1)]
+
     dropped = batch.dropped
     local = HostRoutes(
-        indices=batch.decode_indices(dtype).transpose(0, 1)[pick],
-        dropped=None if dropped is None else dropped.transpose(0, 1)[pick],
+        indices=layer_major(batch.decode_indices(dtype)),
+        dropped=None if dropped is None else layer_major(dropped),
         columns={layer: col for col, layer in enumerate(layer_ids)},
     )
-    if batch.cache is not None:
+    if batch.cache is not None and same_rows and batch.token_index is None:
+        local.cache_rows = batch.cache.token_index  # row = canonical token
+    elif batch.cache is not None:
         position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
         position[layout.token_index] = torch.arange(layout.token_index.numel())
         cached_rows = position[batch.cache.token_index]
-        if not layout.is_full():  # else every cached token is routed here
+        # Select rows (a copy per column at upload) only if some cached tokens are not here.
+        if not layout.is_full() and not bool((cached_rows >= 0).all()):
             local.cache_select = torch.nonzero(cached_rows >= 0).squeeze(1)
             cached_rows = cached_rows[local.cache_select]
         local.cache_rows = cached_rows
+    if batch.cache is not None:
         local.cache_source = (batch.cache.hidden, batch.cache.logits)
         local.cache_columns = source
     if pin:  # uploaded from pinned memory (once per forward and once per recompute)

@@ -315,7 +315,9 @@ class PR2Router(TopKRouter):
             router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
                 self.config.moe_router_dtype, input.dtype
             )
-            return router_gating_linear(input, self.fused_gating_weight(), self.bias, router_dtype)
+            with pr2_range("predictor"):
+                weight = self.fused_gating_weight()
+                return router_gating_linear(input, weight, self.bias, router_dtype)
         logits = self.gating(input)
         with torch.no_grad():
             offset = self.predictor_offset(input)
@@ -323,9 +325,8 @@ class PR2Router(TopKRouter):
 
     @torch.no_grad()
     def fused_gating_weight(self) -> torch.Tensor:
-        """W_g + W_p for the no-grad predict_record GEMM, computed once per pair of weight
-        versions: an optimizer step (or load) bumps a parameter's version, a context's forwards
-        do not, so one context pays one [E, H] add, not one per microbatch."""
+        """W_g + W_p for the no-grad predict_record GEMM, once per pair of weight versions (an
+        optimizer step or load bumps them, forwards do not): one [E, H] add per context."""
         predictor_weight = self.predictor.weight
         key = (
             self.weight.data_ptr(),

@@ -47,7 +47,7 @@ def _in_backward() -> bool:
 class _RouterState:
     forward_calls: int = 0
     recompute_calls: int = 0
-    recorded: List[Recorded] = field(default_factory=list)  # host copies (residency.host_copy)
+    recorded: List[Recorded] = field(default_factory=list)  # host copies (records.host_record)
     stats: LayerStats = field(default_factory=LayerStats)
     column: int = 0  # the router's column in this rank's decoded routes (ascending MoE-layer id)
 
@@ -136,8 +136,7 @@ class RoutingSession:
         return layout
 
     def _full_layout(self, seq_length: int, batch_size: int) -> TokenLayout:
-        """TokenLayout.full, one shared object per shape (not one [T] tensor per microbatch;
-        the same object at entry and forward means the same decode)."""
+        """TokenLayout.full, one object per shape (the same object at entry and forward)."""
         key = (seq_length, batch_size)
         if key not in self._full_layouts:
             self._full_layouts[key] = TokenLayout.full(seq_length, batch_size)
@@ -174,9 +173,8 @@ class RoutingSession:
         self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
     ) -> HostRoutes:
         """Decode and validate one microbatch's routes for this rank's router rows, once per
-        context (routing() entry, the dispatch plan and the first forward share it). The
-        predictor cache is never copied here (residency.py reads it per column at upload), so
-        with_cache=False (callers that only count or validate routes) costs the same."""
+        context (entry, dispatch plan and first forward share it; the cache is never copied
+        here, so with_cache=False, for callers that only count or validate, costs the same)."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -218,8 +216,11 @@ class RoutingSession:
         batch = self.routes[microbatch]
         has_missing = _check_missing(batch, microbatch, router.pr2_config)
         dtype = torch.int16 if has_missing else narrowest_int_dtype(batch.num_experts)
+        # Rows in the batch's own order (one unsharded sequence, a shard on its own layout).
+        own = self._full_layouts.get((batch.num_tokens, 1)) if batch.token_index is None else None
+        same_rows = layout is own or layout.token_index is batch.token_index
         local = decode_host(
-            batch, layout, self._layer_ids, microbatch, dtype, router.weight.is_cuda
+            batch, layout, self._layer_ids, microbatch, dtype, router.weight.is_cuda, same_rows
         )
         local.has_missing = has_missing
         return local
@@ -273,8 +274,7 @@ class RoutingSession:
                 torch.distributed.all_reduce(count, group=shards)
                 total = float(count)
             local.cache_share = mine / total if total > 0 else 0.0
-        # Host only: residency.py puts it on the device while it is in flight.
-        self._local[microbatch] = local
+        self._local[microbatch] = local  # host; residency.py uploads it while in flight
 
     def agree_on_entry(self, group) -> None:
         """Validate every microbatch's routes before any forward and raise on every rank of
@@ -399,8 +399,7 @@ class RoutingSession:
         return sorted(r.moe_layer_id for r in self.routers)
 
     def release(self) -> None:
-        """routing() exit: drop the replayed routes (host and device); records and telemetry
-        stay for the handle."""
+        """routing() exit: drop replayed routes (host, device); records and telemetry stay."""
         if self.residency is not None:
             self.residency.release_all()
         self._decoded.clear()
