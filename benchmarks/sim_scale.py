@@ -20,10 +20,10 @@
 # model of the saved tensors, from the real shapes). The physical minimum is the routes (narrow
 # dtype) and cache (cache_dtype) of the microbatches 1F1B holds at once at stage 0 (PP).
 #
-# Baseline side by side: --baseline DIR runs the same entry (and the forward binding of every
-# microbatch) with the megatron_pr2 package of another checkout, e.g. main's commit d1de9d6:
-#     git -C /work/main worktree add --detach /tmp/pr2-d1de9d6 d1de9d6
-#     python -m benchmarks.sim_scale --baseline /tmp/pr2-d1de9d6
+# Baseline side by side: --baseline DIR runs the same entry (and binds 2 x PP microbatches, its
+# per-microbatch host cost) with the megatron_pr2 package of another checkout, e.g. d1de9d6:
+#     git worktree add --detach ../pr2-d1de9d6 d1de9d6
+#     python -m benchmarks.sim_scale --baseline ../pr2-d1de9d6
 # (the child process puts DIR first on sys.path; only APIs both versions have are used).
 #
 # Usage: python -m benchmarks.sim_scale [--layouts a,b] [--microbatches 512] [--seq 16384]
@@ -89,6 +89,7 @@ def _setup(spec: dict, model: dict, args) -> dict:
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from benchmarks.common import PLAIN_CONFIG_FIELDS
     from megatron_pr2 import PR2Config, apply_pr2
 
     extra = {}
@@ -126,17 +127,9 @@ def _setup(spec: dict, model: dict, args) -> dict:
         sequence_parallel=spec["tp"] > 1,
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **PLAIN_CONFIG_FIELDS,
     )
     pr2_kwargs = dict(cache_tokens_per_sequence=args.cache_tokens, telemetry=False)
     if args.cache_dtype != "fp32":

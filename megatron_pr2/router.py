@@ -50,8 +50,7 @@ _LOG = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
-def _log_unfused_once() -> None:
-    # One line per process: every PR2Router of a fused-router model would say the same.
+def _log_unfused_once() -> None:  # once per process, not once per router
     _LOG.info(
         "PR2: moe_router_fusion=True: in record / predict_record / replay modes the PR2 router "
         "routes through Megatron's unfused top-k (TE's fused top-k kernel has no replay hook); "
@@ -216,8 +215,9 @@ class PR2Router(TopKRouter):
                 logits = self.predicted_gating(input)
             else:
                 logits = self.gating(input)
+            target = None if answer.target is None else answer.target.long()  # recompute
             probs, routing_map, top_indices, dropped = self.route(
-                logits, padding_mask, answer.target, answer.dropped
+                logits, padding_mask, target, answer.dropped
             )
             if not answer.recompute:
                 session.save(self, self._record(input, answer, top_indices, dropped))

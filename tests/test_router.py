@@ -209,6 +209,28 @@ def test_replay_under_selective_moe_recompute_is_exact(pg):
     assert not torch.equal(_run(plain, x)[0], reference[0])
 
 
+def test_record_under_selective_moe_recompute_reapplies_the_record(pg):
+    """A record pass with gradients under MoE recompute: the recompute re-applies the recorded
+    top-k (brought back from the host copy), so outputs, gradients and records equal a record
+    pass without recompute."""
+    from megatron_pr2 import routing
+
+    config = make_moe_config()
+    recompute_config = make_moe_config(recompute_granularity="selective", recompute_modules=["moe"])
+    _, plain = _layers(pg, config)
+    torch.manual_seed(0)
+    recomputed = build_moe_layer(recompute_config, _pr2_spec(recompute_config), pg_collection=pg)
+    recomputed.load_state_dict(plain.state_dict())
+    x = _tokens(config)
+    results, routes = [], []
+    for layer in (plain, recomputed):
+        with routing(layer, "record") as handle:
+            results.append(_run(layer, x))
+        routes.append(handle.routes)
+    _assert_same(*results)
+    assert torch.equal(routes[0].indices, routes[1].indices)
+
+
 def test_microbatch_binding_across_interleaved_recompute(pg):
     """Two microbatches, forwards before backwards (1F1B warm-up): each recompute gets its own route."""
     from megatron_pr2 import routing
