@@ -89,7 +89,6 @@ def _setup(spec: dict, model: dict, args) -> dict:
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from benchmarks.common import PLAIN_CONFIG_FIELDS
     from megatron_pr2 import PR2Config, apply_pr2
 
     extra = {}
@@ -129,7 +128,16 @@ def _setup(spec: dict, model: dict, args) -> dict:
         activation_func=F.silu,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        **PLAIN_CONFIG_FIELDS,
+        # megatron_pr2.cpu.PLAIN_CONFIG_FIELDS, spelled out: a --baseline package may lack it.
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
     )
     pr2_kwargs = dict(cache_tokens_per_sequence=args.cache_tokens, telemetry=False)
     if args.cache_dtype != "fp32":

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron_pr2.config import stride_for
+from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.residency import cache_torch_dtype
 from megatron_pr2.router import PR2Router, Recorded
@@ -54,6 +54,24 @@ def cache_rows(
     rank = torch.cumsum(eligible.long(), dim=1) - 1  # position among the eligible tokens
     keep = (eligible & (rank % stride == 0)).reshape(-1)
     return torch.nonzero(keep[layout.token_index]).squeeze(1)
+
+
+def record_cache_rows(
+    layout: TokenLayout,
+    config: PR2Config,
+    cache_mask: Optional[List[torch.Tensor]],
+    microbatch: int,
+) -> torch.Tensor:
+    """cache_rows of one recorded microbatch, with its entry of routing(cache_mask=)."""
+    eligible = None
+    if cache_mask is not None:
+        if microbatch >= len(cache_mask):
+            raise ValueError(
+                f"routing cache_mask has {len(cache_mask)} microbatches; the model ran "
+                f"microbatch {microbatch}"
+            )
+        eligible = cache_mask[microbatch]
+    return cache_rows(layout, config.cache_tokens_per_sequence, eligible)
 
 
 def host_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -90,9 +90,8 @@ class RouteAnswer:
     telemetry: bool = False
     """Accumulate replay telemetry into `stats`."""
     keep_predictor_grads: bool = False
-    """Attach an exact-zero predictor gradient (no predictor loss on this call): set on the
-    context's last microbatch, the one whose backward Megatron's DDP waits on to launch the
-    predictor's gradient bucket."""
+    """Attach an exact-zero predictor gradient (no predictor loss on this call): on the context's
+    last microbatch, whose backward Megatron's DDP waits on to launch the predictor's bucket."""
 
 
 @dataclass

@@ -16,14 +16,14 @@
 # device only while their microbatch is in flight; records go to the host as they are made.
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_pr2.config import PR2Config
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.collectives import raise_on_any_rank
-from megatron_pr2.records import assemble_record, cache_rows, host_record
+from megatron_pr2.records import assemble_record, host_record, record_cache_rows
 from megatron_pr2.residency import (
     HostRoutes,
     Residency,
@@ -78,20 +78,19 @@ class RoutingSession:
         self._layouts: Dict[int, TokenLayout] = {}
         self._entry_layouts: Dict[int, TokenLayout] = {}
         self._full_layouts: Dict[tuple, TokenLayout] = {}
-        # predict_record: cached router rows per microbatch on the device until all recorded,
-        # on the host for the handle.
+        # predict_record: cached router rows per microbatch, on the device until every router
+        # has recorded it, on the host for the handle.
         self._cache_rows: Dict[int, torch.Tensor] = {}
         self._record_rows: Dict[int, torch.Tensor] = {}
-        # Replay: every microbatch decoded once (host); bound (validated by _bind); on device.
-        self._decoded: Dict[int, HostRoutes] = {}
-        self._decoded_layout: Dict[int, TokenLayout] = {}
+        # Replay: every microbatch decoded once (host, with its layout); bound by _bind.
+        self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
         self._local: Dict[int, HostRoutes] = {}
         self._cuda_records = False
         self.residency: Optional[Residency] = None
         if routes is not None:
-            bound = lambda m: self._local.get(m) or self._decoded.get(m)  # noqa: E731
-            config = routers[0].pr2_config
-            self.residency = Residency(len(routes), bound, cache_torch_dtype(config))
+            host = lambda m: self._local.get(m) or self._decoded.get(m, (0, None))[1]  # noqa
+            dtype = cache_torch_dtype(routers[0].pr2_config)
+            self.residency = Residency(len(routes), host, dtype)
 
     # -- per-microbatch views ------------------------------------------------------------------
     def _splits_tokens(self) -> bool:
@@ -187,21 +186,15 @@ class RoutingSession:
                 f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
                 f"has {layout.num_tokens}"
             )
-        decoded = self._decoded.get(microbatch)
-        if decoded is None or self._decoded_layout[microbatch] is not layout:
-            if (
-                decoded is not None
-                and layout.is_full()
-                and self._decoded_layout[microbatch].is_full()
-            ):
-                # Same tokens in another row order (full routes of B > 1 sequences are decoded
-                # in canonical order at entry, the forward routes them sequence-major).
-                decoded = reorder_rows(decoded, self._decoded_layout[microbatch], layout, batch)
+        held = self._decoded.get(microbatch)
+        if held is None or held[0] is not layout:
+            if held is not None and layout.is_full() and held[0].is_full():
+                # Same tokens, another row order (B > 1 full routes: canonical at entry).
+                local = reorder_rows(held[1], held[0], layout, batch)
             else:
-                decoded = self._decode(microbatch, layout, router)
-            self._decoded[microbatch] = decoded
-            self._decoded_layout[microbatch] = layout
-        return decoded
+                local = self._decode(microbatch, layout, router)
+            held = self._decoded[microbatch] = (layout, local)
+        return held[1]
 
     def decode_all(self) -> None:
         """routing() entry: decode every microbatch once. A microbatch that fails is left for
@@ -339,10 +332,8 @@ class RoutingSession:
             )
         if microbatch not in self._local:
             self._bind(router, microbatch, hidden)
-        local = self._local[microbatch]
-        column = state.column
+        local, column, config = self._local[microbatch], state.column, router.pr2_config
         on_device = self.residency.take(microbatch, column, hidden.device)
-        config = router.pr2_config
         answer.target = on_device.indices[column]
         answer.dropped = None if on_device.dropped is None else on_device.dropped[column]
         answer.fill_missing = local.has_missing
@@ -355,13 +346,11 @@ class RoutingSession:
             answer.train_predictor = (
                 self.ministep >= config.loss_start_ministep and router.predictor_trainable
             )
+        last = microbatch == len(self.routes) - 1
         answer.keep_predictor_grads = (
-            router.predictor_trainable
-            and not answer.train_predictor
-            and microbatch == len(self.routes) - 1
+            last and router.predictor_trainable and not answer.train_predictor
         )
-        # The answer holds what this call needs (and autograd what its backward needs).
-        self.residency.consumed(microbatch, column)
+        self.residency.consumed(microbatch, column)  # the answer (and autograd) hold the rest
         return answer
 
     def save(self, router: PR2Router, record: Recorded) -> None:
@@ -369,9 +358,8 @@ class RoutingSession:
         state = self.states[id(router)]
         self._cuda_records |= record.top_indices.is_cuda
         state.recorded.append(host_record(router, record))
-        microbatch = len(state.recorded) - 1
-        if all(len(self.states[id(r)].recorded) > microbatch for r in self.routers):
-            self._cache_rows.pop(microbatch, None)  # every router has recorded it
+        if all(len(self.states[id(r)].recorded) >= len(state.recorded) for r in self.routers):
+            self._cache_rows.pop(len(state.recorded) - 1, None)  # every router has recorded it
 
     def _record_cache_rows(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, hidden: torch.Tensor
@@ -381,15 +369,8 @@ class RoutingSession:
         # recorded_routes uses the first router's too.
         rows = self._cache_rows.get(microbatch)
         if rows is None:
-            eligible = None
-            if self.cache_mask is not None:
-                if microbatch >= len(self.cache_mask):
-                    raise ValueError(
-                        f"routing cache_mask has {len(self.cache_mask)} microbatches; the model "
-                        f"ran microbatch {microbatch}"
-                    )
-                eligible = self.cache_mask[microbatch]
-            rows = cache_rows(layout, router.pr2_config.cache_tokens_per_sequence, eligible)
+            config = router.pr2_config
+            rows = record_cache_rows(layout, config, self.cache_mask, microbatch)
             self._record_rows[microbatch] = rows  # host, for the handle's RouteBatch
             rows = self._cache_rows[microbatch] = rows.to(hidden.device)
         return rows
@@ -403,7 +384,6 @@ class RoutingSession:
         if self.residency is not None:
             self.residency.release_all()
         self._decoded.clear()
-        self._decoded_layout.clear()
         self._local.clear()
         self._cache_rows.clear()
 
