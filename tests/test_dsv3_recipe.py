@@ -1,17 +1,16 @@
-# The DeepSeek-V3 routing recipe at tiny size, one process on CPU: a GPTModel whose first layer
-# is dense, whose MoE layers route sigmoid scores with an expert bias (aux-loss-free balancing),
-# group-limited top-k (4 groups, top-2 groups), a top-k scaling factor, a sequence aux loss and
-# shared experts, with one multi-token-prediction (MTP) layer that is an MoE layer too, and
-# moe_router_fusion=True (PR2 modes route through Megatron's unfused top-k).
+# The DeepSeek-V3 recipe at tiny size, one process on CPU: a GPTModel with multi-latent
+# attention (MLA) whose first layer is dense, whose MoE layers route sigmoid scores with an
+# expert bias (aux-loss-free balancing), group-limited top-k (4 groups, top-2 groups), a top-k
+# scaling factor, a sequence aux loss and shared experts, with one multi-token-prediction (MTP)
+# layer that is an MoE layer too, and moe_router_fusion=True (PR2 modes route through
+# Megatron's unfused top-k).
 #
 # Checked: record, predict_record (with a non-zero predictor) and replay run through every
 # router including the MTP layer's; after the router weights drift, replay routes every
 # (token, layer) to exactly the recorded experts (and the drifted live router would not); the
 # fused-config model replays bit-identically (outputs and every gradient) to the same model with
 # moe_router_fusion=False; every recorded and replayed token uses experts of at most
-# moe_router_group_topk groups. Multi-latent attention is not covered here: Megatron-Core's local
-# (non-Transformer-Engine) attention does not build MLA (DotProductAttention has no k_channels),
-# so it needs the TE spec on a GPU (scripts/gpu_check.sh).
+# moe_router_group_topk groups.
 
 import pytest
 import torch
@@ -29,13 +28,24 @@ def pg():
 
 
 def _config(fusion: bool):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    return TransformerConfig(
+    from megatron_pr2.cpu import PLAIN_CONFIG_FIELDS
+
+    return MLATransformerConfig(
         num_layers=2,
         hidden_size=64,
         ffn_hidden_size=128,
         num_attention_heads=4,
+        # Multi-latent attention (megatron_pr2.cpu builds it without Transformer Engine).
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_head_dim=16,
+        qk_pos_emb_head_dim=8,
+        v_head_dim=16,
+        rope_type="rope",
+        rotary_base=10000,
+        rotary_scaling_factor=1.0,
         num_moe_experts=EXPERTS,
         moe_router_topk=TOPK,
         moe_ffn_hidden_size=32,
@@ -52,18 +62,11 @@ def _config(fusion: bool):
         moe_token_dispatcher_type="alltoall",
         mtp_num_layers=1,
         normalization="RMSNorm",
+        qk_layernorm=True,
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         params_dtype=torch.float32,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **PLAIN_CONFIG_FIELDS,
     )
 
 
@@ -160,6 +163,7 @@ def test_dsv3_recipe_replays_exactly_within_group_limits(pg, no_mtp_tracker):
     # The decoder's MoE layer and the MTP layer's, each with shared experts.
     assert [r.moe_layer_id for r in routers] == [0, 1]
     assert all(r.config.moe_router_fusion for r in routers)
+    assert type(fused.decoder.layers[0].self_attention).__name__ == "MLASelfAttention"
     for router in routers:
         with torch.no_grad():  # a predictor that moves routes: predict_record differs from R2
             router.predictor.weight.normal_(0, 0.5)
