@@ -96,8 +96,7 @@ class RouteAnswer:
 
 @dataclass
 class Recorded:
-    """What one router recorded for one microbatch (router row order). The router hands over
-    detached device tensors; the session keeps host copies (narrow / cache dtype)."""
+    """One router's record of one microbatch (router rows; the session keeps host copies)."""
 
     top_indices: torch.Tensor
     """[T, k] experts routed to."""
@@ -173,8 +172,7 @@ class PR2Router(TopKRouter):
         # Set by megatron_pr2.routing(); None means stock TopKRouter behaviour.
         self.session = None
         self._moe_layer_id = self._compute_moe_layer_id()
-        # PR2 modes route through Megatron's unfused top-k (it has the replay hook); a shallow
-        # copy of the config differing only there, swapped in around TopKRouter.routing.
+        # PR2 modes route unfused (Megatron's top-k has the replay hook): a config copy.
         self._unfused_config = None
         if config.moe_router_fusion:
             self._unfused_config = copy.copy(config)
@@ -190,13 +188,15 @@ class PR2Router(TopKRouter):
     def _compute_moe_layer_id(self) -> int:
         if self.layer_number is None:
             return 0
-        return global_moe_layer_id(self.config, self.layer_number)
+        # megatron-core >= 0.17 numbers the layers inside the MTP block 1, 2, ... (is_mtp_layer);
+        # globally they follow the decoder (0.16 numbers them num_layers + j itself).
+        offset = self.config.num_layers if getattr(self, "is_mtp_layer", False) else 0
+        return global_moe_layer_id(self.config, self.layer_number + offset)
 
     @property
     def moe_layer_id(self) -> int:
-        """Global 0-based MoE-layer id (the column of this layer in a canonical RouteBatch). A
-        router outside a TransformerLayer has no layer number yet and counts as MoE layer 0;
-        routing() refuses models where ids collide."""
+        """Global 0-based MoE-layer id (its column in a canonical RouteBatch); 0 outside a
+        TransformerLayer (no layer number yet); routing() refuses models where ids collide."""
         return self._moe_layer_id
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):

@@ -43,9 +43,15 @@ SCENARIOS = {
         {},
     ),
     "capacity_live_drops": (dict(moe_expert_capacity_factor=1.0), False, False, {}),
-    # FP8 / FP4 routing-map padding (pad_routing_map to multiples of 16 without fp8 set): needs
-    # fp8 to construct, set afterwards; the dispatcher pads, the plan rounds its counts alike.
-    "fp8_padding": (dict(), False, False, dict(moe_router_padding_for_quantization=True)),
+    # FP8 routing-map padding (pad_routing_map to multiples of 16, fp8 "hybrid"): needs TE to
+    # construct with fp8, so set afterwards (the local experts run in fp32 either way); the
+    # dispatcher pads, the plan rounds its counts alike.
+    "fp8_padding": (
+        dict(),
+        False,
+        False,
+        dict(fp8="hybrid", moe_router_padding_for_quantization=True),
+    ),
 }
 
 

@@ -98,14 +98,14 @@ def _model(config):
 
 @pytest.fixture()
 def no_mtp_tracker(monkeypatch):
-    # MTPLossLoggingHelper allocates its tracker with torch.cuda.current_device(): logging only.
+    # MTPLossLoggingHelper allocates its tracker with torch.cuda.current_device(): logging only
+    # (save_loss_to_tracker on megatron-core 0.16, save_metrics_to_tracker on 0.19).
     from megatron.core.transformer import multi_token_prediction
 
-    monkeypatch.setattr(
-        multi_token_prediction.MTPLossLoggingHelper,
-        "save_loss_to_tracker",
-        staticmethod(lambda *args, **kwargs: None),
-    )
+    helper = multi_token_prediction.MTPLossLoggingHelper
+    for name in ("save_loss_to_tracker", "save_metrics_to_tracker"):
+        if hasattr(helper, name):
+            monkeypatch.setattr(helper, name, staticmethod(lambda *args, **kwargs: None))
 
 
 def _inputs():
