@@ -164,6 +164,7 @@ class DeviceRoutes:
     cache_logits: List[Optional[torch.Tensor]]  # per column [C_local, E]
     pending: set  # columns no router call has consumed yet
     source: Optional[HostRoutes] = None  # what was uploaded
+    touched: bool = False  # a router call has used it (a prefetched entry has not yet)
     ready: Optional[torch.cuda.Event] = None  # CUDA: the side-stream copies are done
     nbytes: int = 0  # bytes still held (for the memory accounting)
 
@@ -199,10 +200,13 @@ class Residency:
             or entry.source is not self.host_routes(microbatch)  # prefetched, then re-bound
         ):
             entry = self._upload(microbatch, device)
-            if microbatch + 1 < self.num_microbatches and microbatch + 1 not in self._resident:
-                host = self.host_routes(microbatch + 1)
+        if not entry.touched:  # first call of this upload: start copying the next microbatch
+            entry.touched = True
+            following = microbatch + 1
+            if following < self.num_microbatches and following not in self._resident:
+                host = self.host_routes(following)
                 if host is not None:
-                    self._upload(microbatch + 1, device, host)
+                    self._upload(following, device, host)
         self._resident.move_to_end(microbatch)
         if entry.ready is not None:
             stream = torch.cuda.current_stream(device)

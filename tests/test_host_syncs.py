@@ -109,6 +109,11 @@ def test_no_host_sync_per_microbatch(pg, recompute):
             for out in outs:  # all forwards, then all backwards (recompute after later forwards)
                 out.sum().backward()
     seen["replay"] = calls
+    # On the device only what is in flight: the microbatch a router uses and the next one
+    # (prefetched); each uploaded once per pass (forward, and again for its recompute).
+    stats = handle._session.residency.stats
+    assert stats.peak_microbatches == 2 and stats.resident_bytes == 0
+    assert stats.uploads == NUM_MB * (2 if recompute else 1)
     # The path ran: telemetry was measured and the predictor got its loss gradient.
     assert all(value == value for value in handle.metrics["predictor_loss"].tolist())
     assert layers[0].router.predictor.weight.grad is not None
