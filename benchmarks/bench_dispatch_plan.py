@@ -3,18 +3,20 @@
 # Spawns an expert-parallel gloo world on CPU (EP ranks, optionally x TP with sequence
 # parallelism), builds a stack of L PR2 MoE layers (local spec: SequentialMLP, alltoall
 # dispatcher) and times, interleaved round-robin (warm-up rounds excluded, start rotated per
-# round), one whole routing(model, "replay", routes) context: entry (the plan's one all-gather)
+# round), one whole routing(model, "replay", routes) context: entry (the plan's one all-to-all)
 # plus M microbatches of forward + backward through the stack.
 #   off   dispatch_plan=False: the dispatcher all-gathers tokens_per_expert per layer per
 #         microbatch (L x M gathers over tp_ep) and, on a GPU, syncs the host on each
-#   plan  dispatch_plan=True: one all-gather at entry, per-layer preprocess is a table lookup
+#   plan  dispatch_plan=True: one all-to-all at entry, per-layer preprocess is a table lookup
 # A barrier closes every timed context, so a round's time is the slowest rank's. Rank 0 prints
 # median, IQR [q1, q3] and min-max over rounds, the median of per-round paired ratios plan / off
-# and the count exchanges per context (gather_from_sequence_parallel_region calls over tp_ep).
+# and the count exchanges per context (gather_from_sequence_parallel_region calls and the plan's
+# int32 all_to_all_single over tp_ep).
 #
 # On CPU the dispatcher's device->host syncs cost nothing (the counts are host tensors already),
-# so the CPU gain is the L x M - 1 saved gloo all-gathers and the Python of preprocess; on GPUs the
-# plan also removes a host sync per layer per microbatch, which a CPU run cannot show.
+# so the CPU gain is the L x M saved gloo all-gathers (for one all-to-all) and the Python of
+# preprocess; on GPUs the plan also removes a host sync per layer per microbatch, which a CPU run
+# cannot show.
 #
 # Shapes: hidden states [S, B, H] (sequence-major; [S / tp, B, H] per rank under sequence
 # parallelism); router tokens per rank T_local = S * B / tp; routes [S * B, L, k] per microbatch.
@@ -174,15 +176,22 @@ def measure(args: argparse.Namespace) -> Optional[dict]:
     xs = [torch.randn(tokens, args.hidden, generator=gen)[rows] for _ in range(args.microbatches)]
     gs = [torch.randn(tokens, args.hidden, generator=gen)[rows] for _ in range(args.microbatches)]
 
-    # Count exchanges: the dispatcher's tp_ep all-gathers, wrapped where it looks them up.
+    # Count exchanges: the dispatcher's tp_ep all-gathers, wrapped where it looks them up, and
+    # the plan's all-to-all of int32 counts over tp_ep (tokens travel as floats).
     tp_ep = layers[0].token_dispatcher.tp_ep_group
     original = dispatcher_module.gather_from_sequence_parallel_region
+    original_a2a = torch.distributed.all_to_all_single
     exchanges = {"n": 0}
 
     def counting(input_, *rest, **kwargs):
         if kwargs.get("group") is tp_ep:
             exchanges["n"] += 1
         return original(input_, *rest, **kwargs)
+
+    def counting_a2a(output, input_, *rest, **kwargs):
+        if kwargs.get("group") is tp_ep and input_.dtype == torch.int32:
+            exchanges["n"] += 1
+        return original_a2a(output, input_, *rest, **kwargs)
 
     def step(plan: bool) -> List[torch.Tensor]:
         outs = []
@@ -203,6 +212,7 @@ def measure(args: argparse.Namespace) -> Optional[dict]:
 
     counts, outputs = {}, {}
     dispatcher_module.gather_from_sequence_parallel_region = counting
+    torch.distributed.all_to_all_single = counting_a2a
     try:
         for variant in VARIANTS:
             exchanges["n"] = 0
@@ -211,6 +221,7 @@ def measure(args: argparse.Namespace) -> Optional[dict]:
             zero_grads()
     finally:
         dispatcher_module.gather_from_sequence_parallel_region = original
+        torch.distributed.all_to_all_single = original_a2a
     identical = all(torch.equal(a, b) for a, b in zip(outputs["off"], outputs["plan"]))
 
     timer = Timer("cpu", clock=args.clock)

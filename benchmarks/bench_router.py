@@ -18,6 +18,14 @@
 #   router     router forward + backward alone (where PR2 adds its work)
 #   layer_fwd  MoELayer forward under no_grad (the old-policy / record pass of RL)
 #   router_fwd router forward alone under no_grad
+# Every timed call runs --microbatches K microbatches inside ONE context (a routing() context, or
+# Megatron's RouterReplay set up once), as a training step does, and reports the time per
+# microbatch: a context's entry (route decoding, session set-up) is amortised over K router
+# calls here, over M microbatches x L layers in a real step.
+#
+# Op counts (per variant, router fwd+bwd): compute ops of one router call inside a context
+# (the marginal cost of microbatch K+1 over K: the hot path) and of the context itself (entry,
+# exit and packing, once per context).
 #
 # Shapes: hidden states [S, B, H] (sequence-major, Megatron convention); router tokens T = S * B;
 # probs [T, E]. fp32 on CPU, bf16 params with an fp32 router on CUDA (--dtype to override).
@@ -107,12 +115,13 @@ ALL_VARIANTS = (
     "pr2_replay_ploss+tel",
 )
 
-# (name, numerator, denominator, target or None): targets from the benchmarks issue.
+# (name, numerator, denominator, target or None): targets of issue 13 (predict_record: router
+# fwd under no_grad; the replay ratios: router fwd+bwd).
 RATIOS = (
-    ("predict_record / stock", "pr2_predict_record", "stock", 1.05),
-    ("replay+ploss / stock", "pr2_replay_ploss", "stock", 1.05),
+    ("predict_record / stock", "pr2_predict_record", "stock", 1.10),
+    ("replay+ploss / stock", "pr2_replay_ploss", "stock", 1.15),
     ("replay+ploss+tel / stock", "pr2_replay_ploss+tel", "stock", None),
-    ("pr2 replay / megatron replay", "pr2_replay", "megatron_replay", 1.0),
+    ("pr2 replay / megatron replay", "pr2_replay", "megatron_replay", 1.05),
     ("pr2 replay+tel / megatron replay", "pr2_replay+tel", "megatron_replay", None),
     ("pr2 record / megatron record", "pr2_record", "megatron_record", None),
     ("megatron replay / stock", "megatron_replay", "stock", None),
@@ -191,6 +200,7 @@ class Bench:
 
         self.shape = shape
         self.args = args
+        self.microbatches = args.microbatches
         self.routing = routing
         self.Action = RouterReplayAction
         dtype = args.torch_dtype
@@ -281,7 +291,7 @@ class Bench:
         def context():
             if routes is None:
                 return routing(layer, mode, ministep=ministep)
-            return routing(layer, mode, routes, ministep=ministep)
+            return routing(layer, mode, [routes] * self.microbatches, ministep=ministep)
 
         return context
 
@@ -290,7 +300,7 @@ class Bench:
         key = "pr2+tel" if name.endswith("+tel") else "pr2"
         base = name.removesuffix("+tel")
         pr2 = self.layers[key]
-        pack = lambda handle: handle.routes  # noqa: E731 - the record pass must yield routes
+        pack = lambda handle: handle.routes_per_microbatch  # noqa: E731 - records must pack
         none = lambda handle: None  # noqa: E731
         table = {
             "stock": (self.layers["stock"], contextlib.nullcontext, none),
@@ -323,42 +333,46 @@ class Bench:
             raise ValueError(f"--variants: unknown variant {name!r}; known: {ALL_VARIANTS}")
         return table[base]
 
-    def job(self, name: str, part: str) -> Callable[[], None]:
+    def job(self, name: str, part: str, microbatches: Optional[int] = None) -> Callable[[], None]:
+        """One timed call: `microbatches` (default --microbatches) microbatches of `part` in
+        one context of variant `name`."""
+        self.microbatches = microbatches or self.args.microbatches
+        count = self.microbatches
         layer, context, post = self.variant(name)
         x, grad_out, grad_probs = self.x, self.grad_out, self.grad_probs
 
         if part == "layer":
 
-            def run():
-                with context() as handle:
-                    out, _ = layer(x)
-                    out.backward(grad_out)
-                    post(handle)
+            def step():
+                out, _ = layer(x)
+                out.backward(grad_out)
 
         elif part == "router":
 
-            def run():
-                with context() as handle:
-                    probs, _ = layer.router(x)
-                    probs.backward(grad_probs.to(probs.dtype))
-                    post(handle)
+            def step():
+                probs, _ = layer.router(x)
+                probs.backward(grad_probs.to(probs.dtype))
 
         elif part == "router_fwd":
 
-            def run():
-                with torch.no_grad(), context() as handle:
-                    layer.router(x)
-                    post(handle)
+            def step():
+                layer.router(x)
 
         elif part == "layer_fwd":
 
-            def run():
-                with torch.no_grad(), context() as handle:
-                    layer(x)
-                    post(handle)
+            def step():
+                layer(x)
 
         else:
             raise ValueError(f"--parts: unknown part {part!r}; known: {PARTS}")
+        grad = not part.endswith("_fwd")
+
+        def run():
+            with torch.set_grad_enabled(grad), context() as handle:
+                for _ in range(count):
+                    step()
+                post(handle)
+
         return run
 
     def zero_grads(self) -> None:
@@ -425,6 +439,36 @@ def count_ops(run: Callable[[], None], between: Callable[[], None]) -> Dict[str,
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     between()
+    return _op_counts(prof)
+
+
+def count_call_ops(bench: "Bench", name: str) -> Dict[str, int]:
+    """Router fwd+bwd ops of variant `name`: of one router call in the middle of a context (the
+    second of three microbatches, gradients cleared before each, so no accumulation op: the hot
+    path), and of the rest of a one-microbatch context (entry, binding, exit, packing)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    layer, context, post = bench.variant(name)
+    bench.microbatches = 3
+    with context() as handle:
+        for step in range(3):
+            bench.zero_grads()
+            profiled = step == 1
+            profiler = torch_profile(activities=[ProfilerActivity.CPU])
+            with profiler if profiled else contextlib.nullcontext():
+                probs, _ = layer.router(bench.x)
+                probs.backward(bench.grad_probs.to(probs.dtype))
+            if profiled:
+                call = _op_counts(profiler)
+        post(handle)
+    bench.zero_grads()
+    whole = count_ops(bench.job(name, "router", microbatches=1), bench.zero_grads)
+    bench.microbatches = bench.args.microbatches
+    return dict(call, **{f"context_{key}": whole[key] - call[key] for key in call})
+
+
+def _op_counts(prof) -> Dict[str, int]:
 
     def compute(event) -> bool:
         return event.name.startswith("aten::") and event.name not in _META_OPS
@@ -522,6 +566,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--router-repeats", type=int, default=None, help="timed rounds (router)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
+        "--microbatches",
+        type=int,
+        default=4,
+        help="microbatches per context (per timed call); times are per microbatch",
+    )
+    parser.add_argument(
         "--cache-fraction",
         type=int,
         default=8,
@@ -613,6 +663,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             jobs = {name: bench.job(name, part) for name in names}
             repeats = args.router_repeats if part == "router" else args.repeats
             times = run_interleaved(jobs, timer, repeats, args.warmup, bench.zero_grads)
+            times = {k: [t / args.microbatches for t in v] for k, v in times.items()}
             summary = summarize(times, names)
             summary["raw_ms"] = times
             entry["parts"][part] = summary
@@ -629,12 +680,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     print(f"  {label:34s} {value:.4f}")
         if args.count_ops:
             counts = {}
-            print(f"[{shape.name}] router fwd+bwd: compute ops and host syncs per call")
+            print(
+                f"[{shape.name}] router fwd+bwd: compute ops and host syncs per router call in "
+                "a context, and per context (entry, exit, packing)"
+            )
             for name in variants:
-                counts[name] = count_ops(bench.job(name, "router"), bench.zero_grads)
+                counts[name] = count_call_ops(bench, name)
                 print(
                     f"  {name:26s} compute ops {counts[name]['compute_ops']:4d}   "
-                    f"host syncs {counts[name]['host_syncs']:3d}"
+                    f"host syncs {counts[name]['host_syncs']:3d}   per context: compute ops "
+                    f"{counts[name]['context_compute_ops']:4d}   host syncs "
+                    f"{counts[name]['context_host_syncs']:3d}"
                 )
             entry["op_counts"] = counts
         if args.profile:

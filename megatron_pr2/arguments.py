@@ -17,6 +17,7 @@ import re
 from typing import Any, Dict, Optional
 
 from megatron_pr2.config import (
+    CACHE_DTYPES,
     LOSS_KINDS,
     MISSING_ROUTE_POLICIES,
     PREDICTOR_KINDS,
@@ -31,6 +32,7 @@ _CHOICES = {
     "loss": LOSS_KINDS,
     "missing_route_policy": MISSING_ROUTE_POLICIES,
     "predictor_update": PREDICTOR_UPDATES,
+    "cache_dtype": CACHE_DTYPES,
 }
 
 

@@ -12,6 +12,7 @@ PREDICTOR_KINDS = ("linear", "lowrank", "bias", "lookahead")
 LOSS_KINDS = ("kl-post", "delta-kl", "l2", "sigmoid-kl")
 PREDICTOR_UPDATES = ("adam", "sgd")
 MISSING_ROUTE_POLICIES = ("error", "fallback")
+CACHE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class PR2Config:
     loss, sub-sampled uniformly along the sequence (a fixed stride). 0 disables the cache (the
     predictor is then never trained); -1 caches every token."""
 
+    cache_dtype: str = "fp32"
+    """Storage dtype of the predictor cache (h_old and p_old) in host memory and on its way to the
+    device: "fp32" (exact) or "bf16" (half the bytes and the host-to-device traffic; h_old usually
+    is the bf16 router input already, p_old loses its low mantissa bits). The predictor and its
+    loss compute in fp32 either way."""
+
     loss_start_ministep: int = 2
     """First training mini-step (1-based, within one rollout batch) that adds the predictor loss.
     The paper uses 2: at mini-step 1 the live router equals the recorded one, so there is no drift
@@ -99,6 +106,8 @@ class PR2Config:
             raise bad("loss", f"must be one of {LOSS_KINDS}")
         if self.predictor_update not in PREDICTOR_UPDATES:
             raise bad("predictor_update", f"must be one of {PREDICTOR_UPDATES}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise bad("cache_dtype", f"must be one of {CACHE_DTYPES}")
         if self.missing_route_policy not in MISSING_ROUTE_POLICIES:
             raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
         if self.predictor_rank < 1:

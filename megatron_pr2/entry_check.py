@@ -29,9 +29,10 @@ from megatron_pr2.identity import LayoutIdentity, layout_mismatch, stable_hash
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import cached_tokens, describe_layouts
 from megatron_pr2.records import cache_rows, microbatch_cache_tokens
+from megatron_pr2.residency import HostRoutes
 from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import RouteBatch, TokenLayout
-from megatron_pr2.session import RoutingSession, _LocalRoutes, cached_positions
+from megatron_pr2.session import RoutingSession, cached_positions
 
 
 def own_identity(session: RoutingSession) -> LayoutIdentity:
@@ -135,21 +136,22 @@ def cache_share(session: RoutingSession, microbatch: int, layout: TokenLayout) -
     return local / total if total else 0.0
 
 
-def check_capacity(microbatch: int, local: _LocalRoutes, routers: List[PR2Router]) -> None:
+def check_capacity(microbatch: int, local: HostRoutes, routers: List[PR2Router]) -> None:
     """moe_pad_expert_input_to_capacity pads every expert to the capacity of this rank's rows
     and drops what exceeds it: replay is exact only if the recorded kept set fits."""
     config = routers[0].config
-    rows, _, k = local.indices.shape
+    _, rows, k = local.indices.shape  # [L_local, T_local, k]
     capacity = get_capacity(
         num_tokens=rows * k,  # as the dispatcher's preprocess computes it
         num_experts=config.num_moe_experts,
         capacity_factor=config.moe_expert_capacity_factor,
     )
     ids = [r.moe_layer_id for r in routers]
-    indices = local.indices[:, [local.columns[i] for i in ids]]
-    kept = (indices >= 0) & ~local.dropped[:, [local.columns[i] for i in ids]]
+    columns = [local.columns[i] for i in ids]
+    indices = local.indices[columns].to(torch.int64)
+    kept = (indices >= 0) & ~local.dropped[columns]
     E = config.num_moe_experts
-    offset = torch.arange(len(ids)).view(1, -1, 1) * E
+    offset = torch.arange(len(ids)).view(-1, 1, 1) * E
     counts = torch.bincount((indices + offset)[kept], minlength=len(ids) * E).view(len(ids), E)
     if int(counts.max()) > capacity:
         layer, expert = divmod(int(counts.argmax()), E)
@@ -217,7 +219,8 @@ def _check(
         if facts.tp_key >= 0 or (pad and batch.dropped is not None):
             local = session.decode(microbatch, layout, router, with_cache=False)
             if facts.tp_key >= 0:  # in canonical token order: shards and full routes compare
-                digests.append(_route_digest(local.indices[torch.argsort(layout.token_index)]))
+                order = torch.argsort(layout.token_index)  # indices are [L_local, T_local, k]
+                digests.append(_route_digest(local.indices[:, order]))
             if pad and batch.dropped is not None:
                 check_capacity(microbatch, local, sorted(routers, key=lambda r: r.moe_layer_id))
         shapes.append((batch.num_tokens, batch.seq_length, _packing(layout)))

@@ -10,6 +10,30 @@ import torch.nn.functional as F
 from megatron_pr2.config import PR2Config
 
 
+class _LinearKeepingInputDtype(torch.autograd.Function):
+    """F.linear(h.to(W.dtype), W) for an input without gradient that saves h in its own dtype
+    (a bf16 predictor cache stays bf16 until the backward, not an fp32 copy per layer per
+    microbatch in flight); the weight gradient is F.linear's, g^T h in W's dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(hidden.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        return None, grad.t().mm(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype))
+
+
+def linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear in the weight's dtype; a narrower input without gradient is saved as it is."""
+    if hidden.dtype == weight.dtype or hidden.requires_grad or not torch.is_grad_enabled():
+        return F.linear(hidden.to(weight.dtype), weight)
+    return _LinearKeepingInputDtype.apply(hidden, weight)
+
+
 class LinearPredictor(torch.nn.Module):
     """The paper's head: offset = h W_p, W_p stored [E, H] like the router weight, zero-init."""
 
@@ -18,7 +42,7 @@ class LinearPredictor(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(num_experts, hidden_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.to(self.weight.dtype), self.weight)
+        return linear(hidden, self.weight)
 
 
 class LowRankPredictor(torch.nn.Module):
@@ -33,7 +57,7 @@ class LowRankPredictor(torch.nn.Module):
         self.up = torch.nn.Parameter(torch.zeros(num_experts, rank))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(hidden.to(self.down.dtype), self.down), self.up)
+        return F.linear(linear(hidden, self.down), self.up)
 
 
 class BiasPredictor(torch.nn.Module):

@@ -1,18 +1,26 @@
-# What a record pass produces: which router rows the predictor cache keeps, and one recorded
-# microbatch of a rank's routers assembled into a RouteBatch.
+# What a record pass produces: which router rows the predictor cache keeps, each router call's
+# record on the host as it is made, and one recorded microbatch of a rank's routers assembled
+# into a RouteBatch.
 #
 # Shapes: T_local router rows of one microbatch on this rank, L_local MoE layers of this rank, k
 # top-k, C_local cached rows, H hidden, E experts.
+#   host record per router call  top_indices [T_local, k] in the narrowest integer dtype,
+#                                dropped [T_local, k] bool, hidden [C_local, H] and logits
+#                                [C_local, E] in PR2Config.cache_dtype
+# On CUDA the copies are non_blocking into pinned memory: no host sync per microbatch or layer,
+# one stream sync when the handle packs the routes (RoutingSession.recorded_routes).
 
 from typing import List, Optional
 
 import torch
 
-from megatron_pr2.config import stride_for
+from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import shard_identity
-from megatron_pr2.router import PR2Router, Recorded
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.residency import cache_torch_dtype
+from megatron_pr2.route_answer import Recorded
+from megatron_pr2.router import PR2Router
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
 
 
 def cache_rows(
@@ -59,6 +67,48 @@ def microbatch_cache_tokens(
     return int(cache_rows(full, cache_tokens_per_sequence, eligible).numel())
 
 
+def record_cache_rows(
+    layout: TokenLayout,
+    config: PR2Config,
+    cache_mask: Optional[List[torch.Tensor]],
+    microbatch: int,
+) -> torch.Tensor:
+    """cache_rows of one recorded microbatch, with its entry of routing(cache_mask=)."""
+    eligible = None
+    if cache_mask is not None:
+        if microbatch >= len(cache_mask):
+            raise ValueError(
+                f"routing cache_mask has {len(cache_mask)} microbatches; the model ran "
+                f"microbatch {microbatch}"
+            )
+        eligible = cache_mask[microbatch]
+    return cache_rows(layout, config.cache_tokens_per_sequence, eligible)
+
+
+def host_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`tensor` on the host in `dtype` (converted on its device first, so only the narrow bytes
+    travel). CUDA: a non_blocking copy into pinned memory, valid once the current stream has
+    synchronised; elsewhere the converted tensor itself."""
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    if tensor.device.type != "cuda":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    out.copy_(tensor, non_blocking=True)
+    return out
+
+
+def host_record(router: PR2Router, record: Recorded) -> Recorded:
+    """The host copy of one router call's record (narrow indices, cache in cache_dtype)."""
+    cache_dtype = cache_torch_dtype(router.pr2_config)
+    return Recorded(
+        host_copy(record.top_indices, narrowest_int_dtype(router.config.num_moe_experts)),
+        None if record.dropped is None else host_copy(record.dropped),
+        None if record.hidden is None else host_copy(record.hidden, cache_dtype),
+        None if record.logits is None else host_copy(record.logits, cache_dtype),
+    )
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
@@ -67,23 +117,22 @@ def assemble_record(
     cached_tokens: Optional[int] = None,
 ) -> RouteBatch:
     """The RouteBatch of one microbatch from the records of `routers` (sorted by MoE-layer id):
-    indices [T_local, L_local, k] in canonical token order when this rank saw every token; a
-    shard of a token-split layout carries its identity (with cached_tokens, the microbatch's
-    cache size)."""
+    indices [T_local, L_local, k] in canonical token order when this rank saw every token.
+    The records are host copies already (host_record). A shard of a token-split layout
+    carries its identity (with cached_tokens, the microbatch's cache size)."""
     layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
     config = routers[0].config
     all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
-    indices = torch.stack([rec.top_indices for rec in records], dim=1).cpu()
+    indices = torch.stack([rec.top_indices for rec in records], dim=1)
     dropped = None
     if records[0].dropped is not None:
-        dropped = torch.stack([rec.dropped for rec in records], dim=1).cpu()
+        dropped = torch.stack([rec.dropped for rec in records], dim=1)
     cache = None
     if records[0].hidden is not None:
-        rows = cached_rows.cpu()
         cache = PredictorCache(
-            token_index=layout.token_index[rows],
-            hidden=torch.stack([rec.hidden for rec in records], dim=1).cpu(),
-            logits=torch.stack([rec.logits for rec in records], dim=1).cpu(),
+            token_index=layout.token_index[cached_rows],
+            hidden=torch.stack([rec.hidden for rec in records], dim=1),
+            logits=torch.stack([rec.logits for rec in records], dim=1),
         )
     token_index = layout.token_index
     identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)

@@ -11,9 +11,16 @@
 # Routing itself is TopKRouter.routing (super().routing()) with Megatron's replay hook
 # (`router_replay.get_replay_topk`) forcing the top-k; only replaying recorded capacity drops
 # needs its own step, since TopKRouter.routing always re-decides drops from live probabilities.
+#
+# Hot paths: replay = gating GEMM + Megatron's replay (a gather) + one int64 copy of the narrow
+# indices; no-grad predict_record = ONE GEMM with W_g + W_p (cached per weight versions) + Megatron's
+# top-k. moe_router_fusion: PR2 modes take Megatron's unfused top-k (TE's fused kernel has no
+# replay hook); "off" stays fused.
 
-from dataclasses import dataclass
-from typing import Optional
+import copy
+import functools
+import logging
+from typing import Optional, Tuple
 
 import torch
 from megatron.core.transformer.moe.moe_utils import (
@@ -36,53 +43,19 @@ from megatron_pr2.predictor import (
     predictor_loss,
 )
 from megatron_pr2.profiling import pr2_range
-from megatron_pr2.telemetry import LayerStats, observe_predictor, observe_replay
+from megatron_pr2.route_answer import Recorded, RouteAnswer
+from megatron_pr2.telemetry import observe_predictor, observe_replay
+
+_LOG = logging.getLogger(__name__)
 
 
-@dataclass
-class RouteAnswer:
-    """The session's answer to a router's question "how do I route this microbatch?"."""
-
-    microbatch: int
-    """Index of the microbatch in the routing() context (forward order)."""
-    recompute: bool
-    """True for an activation-recompute forward (inside autograd's backward)."""
-    stats: LayerStats
-    """Where replay telemetry of this router accumulates."""
-    target: Optional[torch.Tensor] = None
-    """[T, k] top_indices to force (replay, or a recompute of a recorded microbatch); -1 marks a
-    missing route under missing_route_policy="fallback"."""
-    dropped: Optional[torch.Tensor] = None
-    """[T, k] recorded capacity drops to re-apply (None: no capacity factor)."""
-    fill_missing: bool = False
-    """Some rows of `target` are -1 and take the live top-k."""
-    cache_rows: Optional[torch.Tensor] = None
-    """[C_local] router rows of the predictor cache: predict_record caches them; replay computes
-    the predictor loss on them."""
-    cache_hidden: Optional[torch.Tensor] = None
-    """Replay: [C_local, H] cached router inputs h_old of this layer."""
-    cache_logits: Optional[torch.Tensor] = None
-    """Replay: [C_local, E] cached logits p_old of this layer."""
-    cache_share: float = 1.0
-    """C_local / C: this rank's share of the microbatch's cached tokens."""
-    train_predictor: bool = False
-    """Attach the predictor loss to the backward pass."""
-    telemetry: bool = False
-    """Accumulate replay telemetry into `stats`."""
-
-
-@dataclass
-class Recorded:
-    """What one router recorded for one microbatch (router row order)."""
-
-    top_indices: torch.Tensor
-    """[T, k] experts routed to."""
-    dropped: Optional[torch.Tensor]
-    """[T, k] capacity drops (None without a capacity factor)."""
-    hidden: Optional[torch.Tensor] = None
-    """predict_record: [C_local, H] cached router inputs h_old (fp32)."""
-    logits: Optional[torch.Tensor] = None
-    """predict_record: [C_local, E] cached logits p_old without the predictor (fp32)."""
+@functools.lru_cache(maxsize=None)
+def _log_unfused_once() -> None:  # once per process, not once per router
+    _LOG.info(
+        "PR2: moe_router_fusion=True: in record / predict_record / replay modes the PR2 router "
+        "routes through Megatron's unfused top-k (TE's fused top-k kernel has no replay hook); "
+        "routing(model, 'off') keeps the fused kernel"
+    )
 
 
 class _TopKOverride:
@@ -119,11 +92,6 @@ class PR2Router(TopKRouter):
         pr2_config: Optional[PR2Config] = None,
         **kwargs,
     ) -> None:
-        if config.moe_router_fusion:
-            raise ValueError(
-                "moe_router_fusion=True is not supported with PR2: the fused top-k kernel "
-                "bypasses route replay. Set moe_router_fusion=False."
-            )
         if config.moe_router_load_balancing_type in ("sinkhorn", "quantile_balancing"):
             raise ValueError(
                 f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r} has "
@@ -154,6 +122,14 @@ class PR2Router(TopKRouter):
         # Set by megatron_pr2.routing(); None means stock TopKRouter behaviour.
         self.session = None
         self._moe_layer_id = self._compute_moe_layer_id()
+        # PR2 modes route unfused (Megatron's top-k has the replay hook): a config copy.
+        self._unfused_config = None
+        if config.moe_router_fusion:
+            self._unfused_config = copy.copy(config)
+            self._unfused_config.moe_router_fusion = False
+            _log_unfused_once()
+        # predict_record under no_grad: (weight versions, W_g + W_p), see predicted_gating.
+        self._fused_weight: Optional[Tuple[tuple, torch.Tensor]] = None
 
     def set_layer_number(self, layer_number: int) -> None:
         super().set_layer_number(layer_number)
@@ -162,15 +138,15 @@ class PR2Router(TopKRouter):
     def _compute_moe_layer_id(self) -> int:
         if self.layer_number is None:
             return 0
-        return global_moe_layer_id(self.config, self.layer_number)
+        # megatron-core >= 0.17 numbers the layers inside the MTP block 1, 2, ... (is_mtp_layer);
+        # globally they follow the decoder (0.16 numbers them num_layers + j itself).
+        offset = self.config.num_layers if getattr(self, "is_mtp_layer", False) else 0
+        return global_moe_layer_id(self.config, self.layer_number + offset)
 
     @property
     def moe_layer_id(self) -> int:
-        """Global 0-based MoE-layer id (the column of this layer in a canonical RouteBatch).
-
-        A router outside a TransformerLayer (standalone MoELayer or router) has no layer number
-        yet and counts as MoE layer 0; routing() refuses models where ids collide.
-        """
+        """Global 0-based MoE-layer id (its column in a canonical RouteBatch); 0 outside a
+        TransformerLayer (no layer number yet); routing() refuses models where ids collide."""
         return self._moe_layer_id
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -183,12 +159,14 @@ class PR2Router(TopKRouter):
         if session.mode == "replay":
             with pr2_range("replay"):
                 return self._replay(input, padding_mask, answer)
-        logits = self.predicted_gating(input) if session.mode == "predict_record" else None
         with pr2_range("record"):
-            if logits is None:
+            if session.mode == "predict_record":
+                logits = self.predicted_gating(input)
+            else:
                 logits = self.gating(input)
+            target = None if answer.target is None else answer.target.long()  # recompute
             probs, routing_map, top_indices, dropped = self.route(
-                logits, padding_mask, answer.target, answer.dropped
+                logits, padding_mask, target, answer.dropped
             )
             if not answer.recompute:
                 session.save(self, self._record(input, answer, top_indices, dropped))
@@ -206,14 +184,13 @@ class PR2Router(TopKRouter):
         record = Recorded(top_indices.detach(), None if dropped is None else dropped.detach())
         rows = answer.cache_rows
         if rows is not None:
-            cached_hidden = input.reshape(-1, input.shape[-1])[rows].detach()
+            cached_hidden = input.detach().reshape(-1, input.shape[-1])[rows]
             # A rank may hold none of the cached rows.
             p_old = cached_hidden.new_zeros(0, self.config.num_moe_experts)
             if rows.numel():
                 with torch.no_grad():
                     p_old = self.gating(cached_hidden)
-            record.logits = p_old.float()
-            record.hidden = cached_hidden.float()
+            record.hidden, record.logits = cached_hidden, p_old
         return record
 
     def _replay(
@@ -221,7 +198,8 @@ class PR2Router(TopKRouter):
     ):
         logits = self.gating(input)
         flat_logits = logits.reshape(-1, logits.shape[-1])
-        target, live = answer.target, None
+        # The session keeps replayed indices narrow (uint8 for <= 256 experts); gather wants int64.
+        target, live = answer.target.long(), None
         if answer.fill_missing:
             # missing_route_policy="fallback": tokens without a route take the live top-k.
             live = self.live_topk(flat_logits)
@@ -242,12 +220,16 @@ class PR2Router(TopKRouter):
                 # The objective is the mean over the microbatch's cached tokens; this rank holds
                 # C_local of C (sequence / context parallel shards), and Megatron sums
                 # sequence-parallel grads over TP: weight the local mean by C_local / C.
-                share = loss * answer.cache_share
-                probs = MoEAuxLossAutoScaler.apply(probs, share * config.loss_coeff)
-            elif self.predictor_trainable:
+                probs = MoEAuxLossAutoScaler.apply(
+                    probs, loss * (answer.cache_share * config.loss_coeff)
+                )
+            elif answer.keep_predictor_grads:
                 # An exact-zero gradient, so the predictor's grad buckets fill on every step.
-                zero = sum(p.sum() for p in self.predictor.parameters()) * 0.0
-                probs = MoEAuxLossAutoScaler.apply(probs, zero)
+                params = list(self.predictor.parameters())
+                zero = params[0].sum()
+                for param in params[1:]:
+                    zero = zero + param.sum()
+                probs = MoEAuxLossAutoScaler.apply(probs, zero * 0.0)
         if answer.telemetry:
             observe_replay(
                 answer.stats,
@@ -279,16 +261,32 @@ class PR2Router(TopKRouter):
         ):
             # The RL old-policy pass runs without grad: one GEMM with W_g + W_p instead of two
             # (exact for a zero predictor, so PR2 still starts as R2 bit for bit).
-            weight = self.weight + self.predictor.weight.to(self.weight.dtype)
             router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
                 self.config.moe_router_dtype, input.dtype
             )
             with pr2_range("predictor"):
+                weight = self.fused_gating_weight()
                 return router_gating_linear(input, weight, self.bias, router_dtype)
         logits = self.gating(input)
         with torch.no_grad():
             offset = self.predictor_offset(input)
         return logits + offset.to(logits.dtype)
+
+    @torch.no_grad()
+    def fused_gating_weight(self) -> torch.Tensor:
+        """W_g + W_p for the no-grad predict_record GEMM, once per pair of weight versions (an
+        optimizer step or load bumps them, forwards do not): one [E, H] add per context."""
+        predictor_weight = self.predictor.weight
+        key = (
+            self.weight.data_ptr(),
+            self.weight._version,
+            predictor_weight.data_ptr(),
+            predictor_weight._version,
+        )
+        if self._fused_weight is None or self._fused_weight[0] != key:
+            fused = self.weight + predictor_weight.to(self.weight.dtype)
+            self._fused_weight = (key, fused)
+        return self._fused_weight[1]
 
     def refresh_lookahead(self) -> None:
         """Start of a predict_record pass: let a lookahead predictor observe the router weight."""
@@ -321,10 +319,14 @@ class PR2Router(TopKRouter):
             return self._routing_with_recorded_drops(logits, padding_mask, target, dropped)
         override = _TopKOverride(target)
         stock_replay, self.router_replay = self.router_replay, override
+        stock_config = self.config
+        if self._unfused_config is not None:
+            self.config = self._unfused_config
         try:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
             self.router_replay = stock_replay
+            self.config = stock_config
         top_indices = override.top_indices
         if self.config.moe_expert_capacity_factor is not None:
             # With or without pad-to-capacity, a routed slot survives iff routing_map keeps it.

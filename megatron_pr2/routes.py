@@ -95,21 +95,33 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return packed[: -(-count * bits // 8)]
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of pack_bits: the first `count` values as int64."""
+def unpack_bits(
+    packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Inverse of pack_bits: the first `count` values, in `dtype`.
+
+    For bits <= 8 a value spans at most two bytes of its group of `bits` bytes; the work runs on
+    int16 lanes (a quarter of int64's memory traffic), and bits == 8 is the bytes themselves.
+    """
     if bits > 8:
         shifts = torch.arange(8, device=packed.device)
         plane = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bits]
         weights = 1 << torch.arange(bits, device=packed.device)
-        return (plane.view(count, bits) * weights).sum(dim=1)
+        return (plane.view(count, bits) * weights).sum(dim=1).to(dtype)
+    if bits == 8:
+        return packed[:count].to(dtype)
     groups = -(-count // 8)
-    data = packed.to(torch.int64)
-    data = torch.cat([data, data.new_zeros(groups * bits - data.numel())]).view(groups, bits)
-    words = (data << (torch.arange(bits, device=packed.device) * 8)).sum(dim=1)
-    values = (words.unsqueeze(1) >> (torch.arange(8, device=packed.device) * bits)) & (
-        (1 << bits) - 1
-    )
-    return values.reshape(-1)[:count]
+    data = torch.cat([packed, packed.new_zeros(groups * bits + 1 - packed.numel())])
+    # Group g's bytes plus the next group's first byte (the pad byte for the last group).
+    window = data.to(torch.int16).as_strided((groups, bits + 1), (bits, 1))
+    values = torch.empty(groups, 8, dtype=torch.int16, device=packed.device)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        value = window[:, byte] >> shift
+        if shift + bits > 8:
+            value = value | (window[:, byte + 1] << (8 - shift))
+        values[:, j] = value & ((1 << bits) - 1)
+    return values.view(-1)[:count].to(dtype)
 
 
 @dataclass
@@ -277,8 +289,12 @@ class RouteBatch:
     @property
     def indices(self) -> torch.Tensor:
         """[T, L, k] int64 expert ids (-1 for missing tokens)."""
+        return self.decode_indices(torch.int64)
+
+    def decode_indices(self, dtype: torch.dtype) -> torch.Tensor:
+        """[T, L, k] expert ids in `dtype` (-1 for missing tokens: a signed dtype then)."""
         count = math.prod(self.shape)
-        out = unpack_bits(self._packed, bits_for(self.num_experts), count).view(self.shape)
+        out = unpack_bits(self._packed, bits_for(self.num_experts), count, dtype).view(self.shape)
         if self._missing is not None:
             missing = self.missing.unsqueeze(-1).expand(self.shape)
             out = out.masked_fill(missing, -1)

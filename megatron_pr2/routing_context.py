@@ -10,6 +10,8 @@
 # recorded routes and the replay telemetry. Replay starts with the entry agreement
 # (entry_check.py validates this rank's routes, agreement.py agrees over every rank of the step).
 
+import functools
+import logging
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -22,6 +24,16 @@ from megatron_pr2.model_index import Model, has_moe_layer, model_group, model_st
 from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import RouteBatch, TokenLayout
 from megatron_pr2.session import MODES, RoutingSession
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_unplanned(reason: str) -> None:
+    # Once per process and reason: every routing() entry of the run would repeat it.
+    logging.getLogger(__name__).warning(
+        "routing(replay): no dispatch plan, each MoE layer's preprocess exchanges counts and "
+        "syncs the host as in stock Megatron-Core. Reason: %s",
+        reason,
+    )
 
 
 class RoutingHandle:
@@ -101,12 +113,14 @@ def routing(
     step, agreed like the count.
     dispatch_plan: replay only. Precompute the alltoall dispatcher's tokens_per_expert and
     all-to-all split sizes of every (microbatch, MoE layer) from the replayed routes at entry,
-    exchanged in ONE all-gather over the dispatcher's tp_ep group, so each MoE layer's
-    preprocess issues no per-layer gather and no device->host sync (dispatch_plan.py).
-    None (default): on in replay wherever it applies and a dispatcher exchanges token counts
-    (tp x ep > 1; measured faster: benchmarks/README.md), off otherwise. True: on, and a ValueError for non-alltoall dispatchers,
-    moe_pad_expert_input_to_capacity, moe_router_padding_for_quantization and CUDA graphs that
-    capture the dispatcher's preprocess. False: the stock per-layer path. Every rank of a
+    exchanged in ONE all-to-all over the dispatcher's tp_ep group (each rank receives the counts
+    of its own experts), so each MoE layer's preprocess issues no per-layer gather and no
+    device->host sync (dispatch_plan.py; FP8 routing-map padding included).
+    None (default): on in replay wherever a dispatcher exchanges token counts (tp x ep > 1;
+    measured faster: benchmarks/README.md), off otherwise; a model it cannot plan (allgather or
+    flex / DeepEP dispatchers, moe_pad_expert_input_to_capacity, CUDA graphs that capture the
+    dispatcher's preprocess) runs the stock path with a warning that says why. True: on, and a
+    ValueError with that reason instead. False: the stock per-layer path. Every rank of a
     tp_ep group must pass the same value. A (microbatch, layer) that depends on live logits
     (missing routes under the "fallback" policy, a capacity factor without recorded drops)
     runs the stock preprocess either way.
@@ -145,6 +159,10 @@ def routing(
         facts = entry_facts(session, pp, num_microbatches, pending_routes, error)
         tp_dp_cp = routers[0].tp_dp_cp_group if routers else model_group(model, "tp_dp_cp")
         agree(facts, step_groups(tp_dp_cp, pp, group))
+        if routers:
+            # Every microbatch decoded once, here: the dispatch plan and the forwards share it,
+            # and no forward decodes (no host work or sync on the per-microbatch path).
+            session.decode_all()
     else:
         _check_model(model, routers, mode)
     plan = None
@@ -153,9 +171,10 @@ def routing(
         # none); installs nothing.
         try:
             plan = build_dispatch_plan(model, session, required=bool(dispatch_plan))
-        except DispatchPlanUnsupported:
+        except DispatchPlanUnsupported as exc:
             if dispatch_plan:
                 raise
+            _warn_unplanned(str(exc))
     for router in routers:
         if mode == "predict_record":
             router.refresh_lookahead()
@@ -171,6 +190,8 @@ def routing(
             plan.remove()
         for router in routers:
             router.session = None
+        # The handle keeps records and telemetry, not the replayed routes.
+        session.release()
 
 
 def _check_model(model: Model, routers: List[PR2Router], mode: str) -> None:

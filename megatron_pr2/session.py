@@ -11,6 +11,9 @@
 # inside autograd's backward: Megatron's full and selective recompute) is again microbatch n.
 # This holds for every Megatron-Core schedule (no pipelining, 1F1B, interleaved), which run the
 # backward passes of one model chunk in forward order.
+#
+# Memory (residency.py): replayed routes are decoded once per context on the host and are on the
+# device only while their microbatch is in flight; records go to the host as they are made.
 
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
@@ -20,9 +23,22 @@ import torch
 from megatron_pr2.config import PR2Config
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.sharding import describe_layouts
-from megatron_pr2.records import assemble_record, cache_rows, microbatch_cache_tokens
-from megatron_pr2.router import PR2Router, Recorded, RouteAnswer
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.records import (
+    assemble_record,
+    host_record,
+    microbatch_cache_tokens,
+    record_cache_rows,
+)
+from megatron_pr2.residency import (
+    HostRoutes,
+    Residency,
+    cache_torch_dtype,
+    decode_host,
+    reorder_rows,
+)
+from megatron_pr2.route_answer import Recorded, RouteAnswer
+from megatron_pr2.router import PR2Router
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -34,32 +50,12 @@ def _in_backward() -> bool:
 
 
 @dataclass
-class _LocalRoutes:
-    """One microbatch's routes decoded for this rank's router rows (shared by its routers)."""
-
-    indices: torch.Tensor  # [T_local, L, k]
-    dropped: Optional[torch.Tensor]  # [T_local, L, k]
-    columns: Dict[int, int]  # global MoE-layer id -> column
-    cache_rows: Optional[torch.Tensor] = None  # [C_local] router rows of cached tokens
-    cache_hidden: Optional[torch.Tensor] = None  # [C_local, L, H]
-    cache_logits: Optional[torch.Tensor] = None  # [C_local, L, E]
-    has_missing: bool = False  # some (token, layer) has no route (fallback policy only)
-
-    def to(self, device: torch.device) -> "_LocalRoutes":
-        """Move every tensor to `device` once per microbatch (not once per layer)."""
-        for name in ("indices", "dropped", "cache_rows", "cache_hidden", "cache_logits"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device, non_blocking=True))
-        return self
-
-
-@dataclass
 class _RouterState:
     forward_calls: int = 0
     recompute_calls: int = 0
-    recorded: List[Recorded] = field(default_factory=list)
+    recorded: List[Recorded] = field(default_factory=list)  # host copies (records.host_record)
     stats: LayerStats = field(default_factory=LayerStats)
+    column: int = 0  # the router's column in this rank's decoded routes (ascending MoE-layer id)
 
 
 class RoutingSession:
@@ -85,13 +81,28 @@ class RoutingSession:
         # Replay: C_local / C of each microbatch's predictor cache, set by the entry check
         # (entry_check.py) from the layouts, so binding needs no collective.
         self.cache_shares: Dict[int, float] = {}
+        self._cached_tokens: Dict[int, int] = {}  # C of each recorded microbatch (split layouts)
         self.states: Dict[int, _RouterState] = {id(r): _RouterState() for r in routers}
+        by_layer = sorted(routers, key=lambda r: r.moe_layer_id)
+        for column, router in enumerate(by_layer):
+            self.states[id(router)].column = column
+        self._layer_ids = [r.moe_layer_id for r in by_layer]
         self._layouts: Dict[int, TokenLayout] = {}
-        # predict_record: the cached router rows of each microbatch, on the hidden states'
-        # device, computed once for all layers (a CPU index would be copied per layer).
+        self._entry_layouts: Dict[int, TokenLayout] = {}
+        self._full_layouts: Dict[tuple, TokenLayout] = {}
+        # predict_record: cached router rows per microbatch, on the device until every router
+        # has recorded it, on the host for the handle.
         self._cache_rows: Dict[int, torch.Tensor] = {}
-        self._cached_tokens: Dict[int, int] = {}  # C of each microbatch, for sharded layouts
-        self._local: Dict[int, _LocalRoutes] = {}
+        self._record_rows: Dict[int, torch.Tensor] = {}
+        # Replay: every microbatch decoded once (host, with its layout); bound by _bind.
+        self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
+        self._local: Dict[int, HostRoutes] = {}
+        self._cuda_records = False
+        self.residency: Optional[Residency] = None
+        if routes is not None and routers:  # a dense stage only joins the agreement
+            host = lambda m: self._local.get(m) or self._decoded.get(m, (0, None))[1]  # noqa
+            dtype = cache_torch_dtype(routers[0].pr2_config)
+            self.residency = Residency(len(routes), host, dtype)
 
     # -- per-microbatch views ------------------------------------------------------------------
     def _splits_tokens(self) -> bool:
@@ -100,12 +111,6 @@ class RoutingSession:
         router = self.routers[0]
         tp_split = router.config.sequence_parallel and router.tp_group.size() > 1
         return tp_split or router.cp_group.size() > 1
-
-    def _sequence_split(self) -> int:
-        """Ranks sharing one sequence's tokens: TP under sequence parallelism times CP."""
-        router = self.routers[0]
-        tp = router.tp_group.size() if router.config.sequence_parallel else 1
-        return tp * router.cp_group.size()
 
     def _group_layout(self, microbatch: int, batch: RouteBatch) -> TokenLayout:
         """This rank's tokens of full (canonical) routes, from the routers' process groups."""
@@ -118,6 +123,12 @@ class RoutingSession:
         batch_size = batch.num_tokens // batch.seq_length
         return self.router_layout(batch_size, batch.seq_length)
 
+    def _sequence_split(self) -> int:
+        """Ranks sharing one sequence's tokens: TP under sequence parallelism times CP."""
+        router = self.routers[0]
+        tp = router.tp_group.size() if router.config.sequence_parallel else 1
+        return tp * router.cp_group.size()
+
     def router_layout(self, batch_size: int, seq_length: int) -> TokenLayout:
         """This rank's layout from its routers' process groups, with its pipeline stage."""
         layout = router_layout(self.routers[0], batch_size, seq_length)
@@ -126,21 +137,34 @@ class RoutingSession:
     def entry_layout(self, microbatch: int) -> TokenLayout:
         """The tokens this rank routes in a replayed microbatch, known before its forward:
         routing(layout=), else a sharded RouteBatch's own token_index, else this rank's share of
-        a full RouteBatch (all of its tokens unless SP / CP split them; in canonical order: the
-        row order of unsplit full routes comes from the forward's input shape, see _layout_for;
-        validation and token counts do not depend on it)."""
+        a full RouteBatch (all of its tokens unless SP / CP split them: sequence-major [S, B]
+        when seq_length is known, else canonical order, which a B > 1 forward reorders)."""
         if self.layout is not None:
             return self.layout
+        layout = self._entry_layouts.get(microbatch)
+        if layout is not None:
+            return layout
         batch = self.routes[microbatch]
         if batch.token_index is not None:
             # routing() has checked the shard against this rank's own layout (entry_check.py).
             identity = None if batch.identity is None else batch.identity.layout
-            return TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length, identity)
-        if self._splits_tokens():
-            return self._group_layout(microbatch, batch)
-        return TokenLayout(
-            torch.arange(batch.num_tokens), batch.num_tokens, batch.seq_length or batch.num_tokens
-        )
+            layout = TokenLayout(batch.token_index, batch.num_tokens, batch.seq_length, identity)
+        elif self._splits_tokens():
+            layout = self._group_layout(microbatch, batch)
+        elif batch.seq_length and batch.num_tokens % batch.seq_length == 0:
+            # The forward's own row order ([S, B] sequence-major), so its decode is this one.
+            layout = self._full_layout(batch.seq_length, batch.num_tokens // batch.seq_length)
+        else:
+            layout = self._full_layout(batch.num_tokens, 1)  # canonical order 0..T-1
+        self._entry_layouts[microbatch] = layout
+        return layout
+
+    def _full_layout(self, seq_length: int, batch_size: int) -> TokenLayout:
+        """TokenLayout.full, one object per shape (the same object at entry and forward)."""
+        key = (seq_length, batch_size)
+        if key not in self._full_layouts:
+            self._full_layouts[key] = TokenLayout.full(seq_length, batch_size)
+        return self._full_layouts[key]
 
     def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
         layout = self._layouts.get(microbatch)
@@ -162,7 +186,7 @@ class RoutingSession:
                 seq_length = hidden.shape[0] * self._sequence_split()
                 layout = self.router_layout(hidden.shape[1], seq_length)
             else:
-                layout = TokenLayout.full(hidden.shape[0], hidden.shape[1])
+                layout = self._full_layout(hidden.shape[0], hidden.shape[1])
             if layout.token_index.numel() != rows:
                 raise ValueError(
                     f"microbatch {microbatch}: the router sees {rows} tokens "
@@ -172,9 +196,9 @@ class RoutingSession:
             self._layouts[microbatch] = layout
         return layout
 
-    def check(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> torch.Tensor:
+    def check(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> None:
         """Validate one microbatch's routes for this rank's router rows `layout` without decoding
-        the ids; returns the rows of the batch those router rows read."""
+        the ids (the entry check runs it on every rank before the agreement)."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -188,7 +212,7 @@ class RoutingSession:
                 f"has {layout.num_tokens}"
             )
         try:
-            rows = batch.rows_for(layout.token_index)
+            batch.rows_for(layout.token_index)
         except ValueError as exc:
             why = f"microbatch {microbatch}: {exc}{describe_layouts(batch, layout)}"
             raise ValueError(why) from exc
@@ -200,42 +224,51 @@ class RoutingSession:
         if absent:
             raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
         _check_missing(batch, microbatch, router.pr2_config)
-        return rows
 
     def decode(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
-    ) -> _LocalRoutes:
-        """Decode and validate one microbatch's routes for this rank's router rows; with_cache
-        False skips the predictor cache (for callers that only count or validate routes)."""
+    ) -> HostRoutes:
+        """Decode and validate one microbatch's routes for this rank's router rows, once per
+        context (entry, dispatch plan and first forward share it; the cache is never copied
+        here, so with_cache=False, for callers that only count or validate, costs the same)."""
         batch = self.routes[microbatch]
-        rows = self.check(microbatch, layout, router)
-        layer_ids = batch.layer_index
-        if layer_ids is None:
-            layer_ids = torch.arange(batch.num_layers)
-        dropped = batch.dropped
-        local = _LocalRoutes(
-            indices=batch.indices[rows],
-            dropped=None if dropped is None else dropped[rows],
-            columns={int(layer): col for col, layer in enumerate(layer_ids.tolist())},
-            has_missing=batch.missing is not None,
+        held = self._decoded.get(microbatch)
+        if held is None or held[0] is not layout:
+            self.check(microbatch, layout, router)
+            if held is not None and layout.is_full() and held[0].is_full():
+                # Same tokens, another row order (B > 1 full routes: canonical at entry).
+                local = reorder_rows(held[1], held[0], layout, batch)
+            else:
+                local = self._decode(microbatch, layout, router)
+            held = self._decoded[microbatch] = (layout, local)
+        return held[1]
+
+    def decode_all(self) -> None:
+        """routing() entry, after the agreement validated every microbatch on every rank:
+        decode each once (the dispatch plan and the forwards share it)."""
+        for microbatch in range(len(self.routes)):
+            self.decode(microbatch, self.entry_layout(microbatch), self.routers[0])
+
+    def _decode(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> HostRoutes:
+        batch = self.routes[microbatch]
+        has_missing = _check_missing(batch, microbatch, router.pr2_config)
+        dtype = torch.int16 if has_missing else narrowest_int_dtype(batch.num_experts)
+        # Rows in the batch's own order (one unsharded sequence, a shard on its own layout).
+        own = self._full_layouts.get((batch.num_tokens, 1)) if batch.token_index is None else None
+        same_rows = layout is own or layout.token_index is batch.token_index
+        local = decode_host(
+            batch, layout, self._layer_ids, microbatch, dtype, router.weight.is_cuda, same_rows
         )
-        if batch.cache is not None and with_cache:
-            cached_rows, here = cached_positions(batch.cache, layout)
-            local.cache_rows = cached_rows[here]
-            local.cache_hidden, local.cache_logits = batch.cache.hidden, batch.cache.logits
-            if not bool(here.all()):  # boolean indexing copies: only when some rows are not here
-                local.cache_hidden, local.cache_logits = (
-                    local.cache_hidden[here],
-                    local.cache_logits[here],
-                )
+        local.has_missing = has_missing
         return local
 
     def _bind(self, router: PR2Router, microbatch: int, hidden: torch.Tensor) -> None:
-        """Decode one microbatch's routes for this rank at its first router call. routing()
-        validated them at entry and agreed over every rank of the step (entry_check.py,
-        agreement.py), so no collective and no host read of a device value happens here."""
+        """Bind one microbatch's decoded routes at its first router call. routing() validated
+        them at entry and agreed over every rank of the step (entry_check.py, agreement.py), so
+        no collective and no host read of a device value happens here."""
         local = self.decode(microbatch, self._layout_for(microbatch, hidden), router)
-        self._local[microbatch] = local.to(hidden.device)
+        local.cache_share = self.cache_shares.get(microbatch, 1.0)
+        self._local[microbatch] = local  # host; residency.py uploads it while in flight
 
     def current_microbatch(self, router: PR2Router) -> Optional[int]:
         """The microbatch `router` routed last in this context (its forward, or inside autograd's
@@ -265,8 +298,11 @@ class RoutingSession:
         if self.mode != "replay":
             layout = self._layout_for(microbatch, hidden)
             if recompute:
+                # The record went to the host at the forward; back for the recompute.
                 done = state.recorded[microbatch]
-                answer.target, answer.dropped = done.top_indices, done.dropped
+                answer.target = done.top_indices.to(hidden.device, non_blocking=True)
+                if done.dropped is not None:
+                    answer.dropped = done.dropped.to(hidden.device, non_blocking=True)
             elif self.mode == "predict_record":
                 answer.cache_rows = self._record_cache_rows(microbatch, layout, router, hidden)
             return answer
@@ -278,26 +314,34 @@ class RoutingSession:
             )
         if microbatch not in self._local:
             self._bind(router, microbatch, hidden)
-        local = self._local[microbatch]
-        column = local.columns[router.moe_layer_id]
-        config = router.pr2_config
-        answer.target = local.indices[:, column]
-        answer.dropped = None if local.dropped is None else local.dropped[:, column]
+        local, column, config = self._local[microbatch], state.column, router.pr2_config
+        on_device = self.residency.take(microbatch, column, hidden.device)
+        answer.target = on_device.indices[column]
+        answer.dropped = None if on_device.dropped is None else on_device.dropped[column]
         answer.fill_missing = local.has_missing
         answer.telemetry = config.telemetry and not recompute
-        if local.cache_rows is not None and local.cache_rows.numel() > 0:
-            answer.cache_rows = local.cache_rows
-            answer.cache_hidden = local.cache_hidden[:, column]
-            answer.cache_logits = local.cache_logits[:, column]
-            answer.cache_share = self.cache_shares.get(microbatch, 1.0)
+        if local.has_cache:
+            answer.cache_rows = on_device.cache_rows
+            answer.cache_hidden = on_device.cache_hidden[column]
+            answer.cache_logits = on_device.cache_logits[column]
+            answer.cache_share = local.cache_share
             answer.train_predictor = (
                 self.ministep >= config.loss_start_ministep and router.predictor_trainable
             )
+        last = microbatch == len(self.routes) - 1
+        answer.keep_predictor_grads = (
+            last and router.predictor_trainable and not answer.train_predictor
+        )
+        self.residency.consumed(microbatch, column)  # the answer (and autograd) hold the rest
         return answer
 
     def save(self, router: PR2Router, record: Recorded) -> None:
-        """Keep what `router` recorded for its latest forward (microbatch order)."""
-        self.states[id(router)].recorded.append(record)
+        """Keep what `router` recorded for its latest forward (microbatch order), on the host."""
+        state = self.states[id(router)]
+        self._cuda_records |= record.top_indices.is_cuda
+        state.recorded.append(host_record(router, record))
+        if all(len(self.states[id(r)].recorded) >= len(state.recorded) for r in self.routers):
+            self._cache_rows.pop(len(state.recorded) - 1, None)  # every router has recorded it
 
     def _record_cache_rows(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, hidden: torch.Tensor
@@ -307,25 +351,27 @@ class RoutingSession:
         # recorded_routes uses the first router's too.
         rows = self._cache_rows.get(microbatch)
         if rows is None:
-            eligible = None
-            if self.cache_mask is not None:
-                if microbatch >= len(self.cache_mask):
-                    raise ValueError(
-                        f"routing cache_mask has {len(self.cache_mask)} microbatches; the model "
-                        f"ran microbatch {microbatch}"
-                    )
-                eligible = self.cache_mask[microbatch]
-            n = router.pr2_config.cache_tokens_per_sequence
-            rows = cache_rows(layout, n, eligible)
-            rows = self._cache_rows[microbatch] = rows.to(hidden.device)
-            if not layout.is_full():
-                total = microbatch_cache_tokens(layout, n, eligible)
+            config = router.pr2_config
+            rows = record_cache_rows(layout, config, self.cache_mask, microbatch)
+            self._record_rows[microbatch] = rows  # host, for the handle's RouteBatch
+            if not layout.is_full():  # a shard records C of the whole microbatch (identity)
+                eligible = None if self.cache_mask is None else self.cache_mask[microbatch]
+                total = microbatch_cache_tokens(layout, config.cache_tokens_per_sequence, eligible)
                 self._cached_tokens[microbatch] = total
+            rows = self._cache_rows[microbatch] = rows.to(hidden.device)
         return rows
 
     # -- results -------------------------------------------------------------------------------
     def layer_ids(self) -> List[int]:
         return sorted(r.moe_layer_id for r in self.routers)
+
+    def release(self) -> None:
+        """routing() exit: drop replayed routes (host, device); records and telemetry stay."""
+        if self.residency is not None:
+            self.residency.release_all()
+        self._decoded.clear()
+        self._local.clear()
+        self._cache_rows.clear()
 
     def close(self) -> None:
         """Check that every route was consumed exactly once per router."""
@@ -347,12 +393,14 @@ class RoutingSession:
         """One RouteBatch per recorded microbatch (canonical order when this rank saw it all)."""
         routers = sorted(self.routers, key=lambda r: r.moe_layer_id)
         calls = self.states[id(routers[0])].forward_calls
+        if self._cuda_records:
+            torch.cuda.synchronize()  # once: the records' non_blocking copies to the host
         return [
             assemble_record(
                 routers,
                 [self.states[id(r)].recorded[m] for r in routers],
                 self._layouts[m],
-                self._cache_rows.get(m),
+                self._record_rows.get(m),
                 self._cached_tokens.get(m),
             )
             for m in range(calls)
@@ -368,17 +416,6 @@ class RoutingSession:
         return out
 
 
-def cached_positions(
-    cache: PredictorCache, layout: TokenLayout
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
-    those routed here."""
-    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
-    position[layout.token_index] = torch.arange(layout.token_index.numel())
-    cached_rows = position[cache.token_index]
-    return cached_rows, cached_rows >= 0
-
-
 def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
     """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
     missing = batch.missing
@@ -391,3 +428,14 @@ def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> boo
             f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
         )
     return True
+
+
+def cached_positions(
+    cache: PredictorCache, layout: TokenLayout
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
+    those routed here."""
+    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+    position[layout.token_index] = torch.arange(layout.token_index.numel())
+    cached_rows = position[cache.token_index]
+    return cached_rows, cached_rows >= 0

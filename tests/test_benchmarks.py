@@ -175,3 +175,36 @@ def test_bench_dispatch_plan(tmp_path):
     assert results["identical_outputs"] is True
     assert math.isfinite(results["ratio"]["median"]) and results["ratio"]["median"] > 0
     assert "plan / off" in stdout
+
+
+def test_sim_scale_one_rank_of_a_fake_world(tmp_path):
+    # One rank of a 256-rank fake world at a small size (the README's table is at full size).
+    stdout, results = _run(
+        ["-m", "benchmarks.sim_scale", "--layouts", "qwen3-30b-tp2-pp4-ep8"]
+        + ["--microbatches", "8", "--seq", "1024", "--cache-tokens", "128"],
+        tmp_path,
+        "sim",
+    )
+    (r,) = results["results"]
+    assert r["world"] == 256 and r["megatron_pr2"].startswith(REPO)
+    assert r["t_local"] == 1024 // 2 and r["stage_layers"] == 12  # TP2 + SP, 48 layers / PP4
+    # The plan receives exactly its local experts' counts: [M, L, W, E / ep] int32.
+    assert r["bytes_received"] == r["plan_min_received_bytes"] == 8 * 12 * 8 * 16 * 4
+    assert 1.0 <= r["device_peak_bytes"] / r["in_flight_min_bytes"] <= 2.0
+    assert r["residency_peak_microbatches"] <= 2 and r["uploads"] == 8
+    assert "| qwen3-30b-tp2-pp4-ep8 (256) |" in stdout
+
+
+def test_gpu_check_says_no_cuda():
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.gpu_check", "--json", os.devnull],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode == 2:
+        assert "no CUDA device" in proc.stdout
+    else:  # a machine with a GPU ran the checks
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -9,14 +9,15 @@
 #   * outputs, input gradients and every parameter gradient are bit-identical (torch.equal) with
 #     and without the plan (and the flag-off run after a plan context equals the first);
 #   * count exchanges (the dispatcher's gather_from_sequence_parallel_region over tp_ep, wrapped
-#     in the token_dispatcher module namespace): NUM_LAYERS x NUM_MB per context without the plan
-#     (x2 with MoE recompute), exactly 1 with it;
+#     in the token_dispatcher module namespace, and the plan's int32 all_to_all_single over tp_ep):
+#     NUM_LAYERS x NUM_MB per context without the plan (x2 with MoE recompute), exactly 1 with it;
 #   * inside the context each dispatcher carries the hook and no sync point; after the context
 #     (also after an error in the block) preprocess is the class's again and the sync points are
 #     what they were;
 #   * scenarios: dropless, capacity factor with recorded drops, MoE-layer activation recompute
-#     (all forwards, then all backwards), and a capacity factor without recorded drops (live drop
-#     decisions: every (microbatch, layer) falls back to the stock preprocess, still identical);
+#     (all forwards, then all backwards), FP8 routing-map padding, and a capacity factor without
+#     recorded drops (live drop decisions: every (microbatch, layer) falls back to the stock
+#     preprocess, still identical);
 #   * unsupported configurations raise ValueError naming dispatch_plan when it is requested
 #     (True) and leave nothing behind; by default they run the stock path.
 
@@ -30,12 +31,27 @@ LAYOUTS = {
     "ep2_tp2sp": dict(tp=2, ep=2, etp=2),
     "ep4": dict(ep=4),
 }
-# scenario -> (config overrides, routes carry recorded drops, MoE recompute)
+# scenario -> (config overrides, routes carry recorded drops, MoE recompute, config fields set
+# after construction)
 SCENARIOS = {
-    "dropless": (dict(), False, False),
-    "capacity": (dict(moe_expert_capacity_factor=1.0), True, False),
-    "recompute": (dict(recompute_granularity="selective", recompute_modules=["moe"]), False, True),
-    "capacity_live_drops": (dict(moe_expert_capacity_factor=1.0), False, False),
+    "dropless": (dict(), False, False, {}),
+    "capacity": (dict(moe_expert_capacity_factor=1.0), True, False, {}),
+    "recompute": (
+        dict(recompute_granularity="selective", recompute_modules=["moe"]),
+        False,
+        True,
+        {},
+    ),
+    "capacity_live_drops": (dict(moe_expert_capacity_factor=1.0), False, False, {}),
+    # FP8 routing-map padding (pad_routing_map to multiples of 16, fp8 "hybrid"): needs TE to
+    # construct with fp8, so set afterwards (the local experts run in fp32 either way); the
+    # dispatcher pads, the plan rounds its counts alike.
+    "fp8_padding": (
+        dict(),
+        False,
+        False,
+        dict(fp8="hybrid", moe_router_padding_for_quantization=True),
+    ),
 }
 
 
@@ -141,6 +157,8 @@ def _is_stock(dispatcher):
 
 def _unsupported(layout, routes):
     """Each unsupported configuration: (raised ValueError naming dispatch_plan, nothing left)."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEFlexTokenDispatcher
+
     from megatron_pr2 import routing
 
     def attempt(layers, mode="replay", replay_routes=routes):
@@ -173,9 +191,12 @@ def _unsupported(layout, routes):
     )
     layers = _stack(_config())
     config = layers[0].config
-    config.moe_router_padding_for_quantization = True  # needs fp8 to construct: set afterwards
-    out["padding_for_quantization"] = attempt(layers)
-    config.moe_router_padding_for_quantization = False
+    flex = layers[0].token_dispatcher
+    stock_class = flex.__class__
+    # DeepEP is not installed here: the refusal only looks at the dispatcher's class.
+    flex.__class__ = type("FlexForTest", (MoEFlexTokenDispatcher,), {})
+    out["flex"] = attempt(layers)
+    flex.__class__ = stock_class
     config.cuda_graph_impl = "local"
     out["cuda_graph_preprocess"] = attempt(layers)
     config.cuda_graph_impl = "none"
@@ -208,20 +229,30 @@ def _rank_main():
             gen = torch.Generator().manual_seed(100 + dp_rank)
             xs = [torch.randn(SEQ * MBS, HIDDEN, generator=gen) for _ in range(NUM_MB)]
             gs = [torch.randn(SEQ * MBS, HIDDEN, generator=gen) for _ in range(NUM_MB)]
-            for scenario, (overrides, drops, recompute) in SCENARIOS.items():
+            for scenario, (overrides, drops, recompute, post) in SCENARIOS.items():
                 torch.manual_seed(7)
                 layers = _stack(_config(**overrides))
+                for field, value in post.items():
+                    setattr(layers[0].config, field, value)  # one config object for all layers
                 routes = _routes(1000 + dp_rank, drops)
                 tp_ep = layers[0].token_dispatcher.tp_ep_group
                 counter = {"n": 0}
                 original = td_module.gather_from_sequence_parallel_region
+                original_a2a = torch.distributed.all_to_all_single
 
                 def counting(input_, *args, original=original, counter=counter, tp_ep=tp_ep, **kw):
                     if kw.get("group") is tp_ep:
                         counter["n"] += 1
                     return original(input_, *args, **kw)
 
+                def counting_a2a(out, inp, *args, original=original_a2a, counter=counter, **kw):
+                    # The plan's count exchange (int32 counts; tokens travel as floats).
+                    if kw.get("group") is tp_ep and inp.dtype == torch.int32:
+                        counter["n"] += 1
+                    return original(out, inp, *args, **kw)
+
                 td_module.gather_from_sequence_parallel_region = counting
+                torch.distributed.all_to_all_single = counting_a2a
                 try:
                     runs = {}
                     runs["off"] = _run(layers, routes, layout, xs, gs, False, counter, recompute)
@@ -234,6 +265,7 @@ def _rank_main():
                     )
                 finally:
                     td_module.gather_from_sequence_parallel_region = original
+                    torch.distributed.all_to_all_single = original_a2a
                 # An error inside the block still removes the hook.
                 error_clean = False
                 try:
@@ -279,7 +311,7 @@ def test_plan_is_bit_identical_to_stock_dispatch(plan_results, layout, scenario)
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_one_count_exchange_per_context(plan_results, layout, scenario):
-    _, _, recompute = SCENARIOS[scenario]
+    _, _, recompute, _ = SCENARIOS[scenario]
     per_context = NUM_LAYERS * NUM_MB * (2 if recompute else 1)
     for rank, results in enumerate(plan_results):
         probes = results[(layout, scenario)]["probes"]
@@ -312,7 +344,7 @@ def test_hook_only_inside_the_context(plan_results, layout):
     [
         "allgather",
         "drop_and_pad",
-        "padding_for_quantization",
+        "flex",
         "cuda_graph_preprocess",
         "record_mode",
     ],
@@ -322,3 +354,5 @@ def test_unsupported_configs_raise_only_when_requested(plan_results, case):
         names_flag, clean, message = results["unsupported"][case]
         assert names_flag, (rank, case, message)
         assert clean, (rank, case, message)
+        if case == "flex":
+            assert "DeepEP" in message and "preprocess" in message, message

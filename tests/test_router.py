@@ -209,6 +209,28 @@ def test_replay_under_selective_moe_recompute_is_exact(pg):
     assert not torch.equal(_run(plain, x)[0], reference[0])
 
 
+def test_record_under_selective_moe_recompute_reapplies_the_record(pg):
+    """A record pass with gradients under MoE recompute: the recompute re-applies the recorded
+    top-k (brought back from the host copy), so outputs, gradients and records equal a record
+    pass without recompute."""
+    from megatron_pr2 import routing
+
+    config = make_moe_config()
+    recompute_config = make_moe_config(recompute_granularity="selective", recompute_modules=["moe"])
+    _, plain = _layers(pg, config)
+    torch.manual_seed(0)
+    recomputed = build_moe_layer(recompute_config, _pr2_spec(recompute_config), pg_collection=pg)
+    recomputed.load_state_dict(plain.state_dict())
+    x = _tokens(config)
+    results, routes = [], []
+    for layer in (plain, recomputed):
+        with routing(layer, "record") as handle:
+            results.append(_run(layer, x))
+        routes.append(handle.routes)
+    _assert_same(*results)
+    assert torch.equal(routes[0].indices, routes[1].indices)
+
+
 def test_microbatch_binding_across_interleaved_recompute(pg):
     """Two microbatches, forwards before backwards (1F1B warm-up): each recompute gets its own route."""
     from megatron_pr2 import routing
@@ -374,10 +396,47 @@ def test_missing_route_fallback_uses_live_router(pg):
     assert torch.equal(replay_map[fallback_rows], live_map[fallback_rows])
 
 
-def test_fused_router_is_refused(pg):
-    config = make_moe_config(moe_router_fusion=True)
-    with pytest.raises(ValueError, match="moe_router_fusion"):
-        build_moe_layer(config, _pr2_spec(config), pg_collection=pg)
+def test_fused_router_routes_unfused_in_pr2_modes_and_fused_when_off(pg, caplog):
+    """moe_router_fusion=True (the DeepSeek-V3 recipe): record / predict_record / replay take
+    Megatron's unfused top-k (bit-identical to an unfused router), stated in a log line; 'off'
+    stays TE's fused kernel (absent on this CPU build, hence Megatron's own error)."""
+    import logging
+
+    from megatron_pr2 import router as pr2_router
+    from megatron_pr2 import routing
+
+    variant = ROUTER_VARIANTS["sigmoid_expert_bias"]
+    config = make_moe_config(**variant)
+    _, unfused = _layers(pg, config)
+    fused_config = make_moe_config(moe_router_fusion=True, **variant)
+    pr2_router._log_unfused_once.cache_clear()  # logged once per process
+    with caplog.at_level(logging.INFO, logger="megatron_pr2.router"):
+        torch.manual_seed(0)
+        fused = build_moe_layer(fused_config, _pr2_spec(fused_config), pg_collection=pg)
+    assert any("unfused top-k" in r.getMessage() for r in caplog.records), caplog.records
+    fused.load_state_dict(unfused.state_dict())
+    assert fused.router.config.moe_router_fusion  # the model's config is untouched
+    x = _tokens(config)
+    routes = {}
+    for name, layer in (("unfused", unfused), ("fused", fused)):
+        with torch.no_grad(), routing(layer, "record") as handle:
+            layer(x)
+        routes[name] = handle.routes
+    assert torch.equal(routes["unfused"].indices, routes["fused"].indices)
+    _drift(unfused, fused)
+    results = []
+    for layer in (unfused, fused):
+        with routing(layer, "replay", routes=routes["unfused"], ministep=2):
+            results.append(_run(layer, x))
+    _assert_same(*results)
+    if not getattr(
+        __import__("megatron.core.transformer.moe.moe_utils", fromlist=["x"]),
+        "fused_topk_with_score_function",
+        None,
+    ):
+        with pytest.raises(ValueError, match="fused_topk_with_score_function"):
+            with routing(fused, "off"):
+                fused(x)
 
 
 def test_force_biased_router_is_refused(pg):

@@ -27,7 +27,8 @@ from megatron_pr2.parallel.codec import (
     encode_shard,
     encode_token_index,
 )
-from megatron_pr2.parallel.exchange import assemble_routes
+from megatron_pr2.parallel.exchange import assemble_routes, exchange_routes, merge_routes
+from megatron_pr2.parallel.sharding import row_layers
 from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 
 
@@ -556,15 +557,17 @@ def test_assemble_detects_disagreement_and_gaps() -> None:
 # Multi-rank scatter / gather over gloo
 # ---------------------------------------------------------------------------------------------
 def _count_recv_bytes(counter):
+    """Count the bytes this rank receives through all_to_all_single (exchange.py's only
+    transfer): the per-peer sizes and the payloads."""
     import torch.distributed as dist
 
-    original = dist.recv
+    original = dist.all_to_all_single
 
-    def recv(tensor, *args, **kwargs):
-        counter[0] += tensor.numel() * tensor.element_size()
-        return original(tensor, *args, **kwargs)
+    def all_to_all_single(output, *args, **kwargs):
+        counter[0] += output.numel() * output.element_size()
+        return original(output, *args, **kwargs)
 
-    dist.recv = recv
+    dist.all_to_all_single = all_to_all_single
     return original
 
 
@@ -584,18 +587,22 @@ def _rank_scatter_gather_4():
     )
     layers = torch.arange(L)
     counter = [0]
+    world = dist.group.WORLD
     original = _count_recv_bytes(counter)
     try:
-        local = scatter_routes(routes if rank == 0 else None, layout, layers)
+        local = scatter_routes(routes if rank == 0 else None, layout, layers, world)
     finally:
-        dist.recv = original
+        dist.all_to_all_single = original
     ref = shard_routes(routes, layout, layers)
     assert_same_routes(local, ref)
     out["recv_bytes"] = counter[0]
+    # Two exchanges, each 8 bytes of size per peer; then this rank's packed slice: 128-byte
+    # header + packed routes + its cache rows (the documented cost).
+    out["expected_bytes"] = 2 * 8 * 4 + 128 + ref.nbytes + ref.cache.nbytes
+    out["route_bytes"] = ref.nbytes
     if rank == 0:
-        # the source only receives requests: size + [4 header ints, run-length code, layer ids]
-        out["expected_bytes"] = 0
-        for peer in range(1, 4):
+        # the source also receives every request: [4 header ints, run-length code, layer ids]
+        for peer in range(4):
             peer_layout = layout_for_rank(
                 B,
                 S,
@@ -607,12 +614,8 @@ def _rank_scatter_gather_4():
             )
             code = encode_token_index(peer_layout.token_index, B * S, S)
             assert code.numel() == 6  # one run of positions
-            out["expected_bytes"] += 8 + 8 * (4 + code.numel() + L)
-    else:
-        # the documented cost: size message + 128-byte header + packed slice + its cache rows
-        out["expected_bytes"] = 8 + 128 + ref.nbytes + ref.cache.nbytes
-        out["route_bytes"] = ref.nbytes
-    gathered = gather_routes(local)
+            out["expected_bytes"] += 8 * (4 + code.numel() + L)
+    gathered = gather_routes(local, world)
     if rank == 0:
         assert_same_routes(gathered, routes)
     else:
@@ -622,9 +625,9 @@ def _rank_scatter_gather_4():
     pp_rank, tp_rank = rank // 2, rank % 2
     layout = layout_for_rank(B, S, tp_rank=tp_rank, tp_size=2)
     layers = torch.arange(pp_rank * 2, pp_rank * 2 + 2)
-    local = scatter_routes(routes if rank == 0 else None, layout, layers)
+    local = scatter_routes(routes if rank == 0 else None, layout, layers, world)
     assert_same_routes(local, shard_routes(routes, layout, layers))
-    gathered = gather_routes(local, dst=3)
+    gathered = gather_routes(local, world, dst=3)
     if rank == 3:
         assert_same_routes(gathered, routes)
 
@@ -645,7 +648,7 @@ def _rank_scatter_gather_4():
     # (d1) rank 2 asks for a layer the source does not have: both src and rank 2 raise
     layers = torch.tensor([7]) if rank == 2 else torch.tensor([0])
     try:
-        scatter_routes(routes if rank == 0 else None, layout_for_rank(B, S), layers)
+        scatter_routes(routes if rank == 0 else None, layout_for_rank(B, S), layers, world)
         out["bad_request"] = None
     except ValueError as exc:
         out["bad_request"] = str(exc)
@@ -664,7 +667,7 @@ def _rank_scatter_gather_4():
             cache=local.cache,
         )
     try:
-        gather_routes(local)
+        gather_routes(local, world)
         out["mismatch"] = None
     except ValueError as exc:
         out["mismatch"] = str(exc)
@@ -676,11 +679,10 @@ def test_scatter_gather_4_ranks() -> None:
     results = run_distributed(_rank_scatter_gather_4, 4)
     total = canonical_routes(2, 16, 4, 8, 128, seed=11).nbytes
     for rank, out in enumerate(results):
-        # each non-source rank receives exactly its packed slice: size message + payload
+        # each rank receives exactly its packed slice (+ sizes; the source also the requests)
         assert out["recv_bytes"] == out["expected_bytes"], rank
-        if rank:
-            # a quarter of the tokens: packed routes + masks, a 128-byte header, cached rows
-            assert out["route_bytes"] <= total / 4 + 2
+        # a quarter of the tokens: packed routes + masks, a 128-byte header, cached rows
+        assert out["route_bytes"] <= total / 4 + 2
     assert results[1]["sub_gather_none"] and results[2]["sub_gather_none"]
     assert not results[3]["sub_gather_none"]
     assert (
@@ -697,6 +699,111 @@ def test_scatter_gather_4_ranks() -> None:
     assert all(results[r]["mismatch"] is None for r in (1, 2, 3))
 
 
+def _sequence_piece(routes: RouteBatch, b: int, S: int, slot: int, B: int) -> RouteBatch:
+    """Sequence b of `routes` (canonical, B sequences of S tokens) as the piece that fills
+    sequence slot `slot` of another microbatch of B sequences (token ids relabelled)."""
+    rows = torch.arange(b * S, (b + 1) * S)
+    piece = shard_routes(routes, TokenLayout(rows, B * S, S), row_layers(routes))
+    shift = (slot - b) * S
+    cache = piece.cache
+    if cache is not None:
+        cache = PredictorCache(cache.token_index + shift, cache.hidden, cache.logits)
+    return RouteBatch(
+        piece.indices,
+        piece.num_experts,
+        dropped=piece.dropped,
+        token_index=rows + shift,
+        layer_index=piece.layer_index,
+        num_tokens=B * S,
+        seq_length=S,
+        cache=cache,
+    )
+
+
+def _rank_remicrobatch_4():
+    """4 ranks as a data-parallel group of one pipeline stage (MoE layers 2, 3): each recorded
+    two microbatches of 2 sequences; training regroups the 16 sequences so that every new
+    microbatch takes its sequences from two other ranks. exchange_routes moves only the pieces."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    B, S, L, k, E = 2, 8, 2, 4, 16
+    layers = torch.tensor([2, 3])
+
+    def recorded(r, m):  # every rank can rebuild every rank's recorded shard (seeded)
+        canonical = canonical_routes(B, S, L, k, E, seed=100 + 10 * r + m)
+        return RouteBatch(
+            canonical.indices,
+            E,
+            dropped=canonical.dropped,
+            layer_index=layers,
+            num_tokens=B * S,
+            seq_length=S,
+            cache=canonical.cache,
+        )
+
+    # New microbatch (r, j), slot b <- sequence (source rank, microbatch, sequence), the same
+    # plan on every rank: a permutation of the 16 sequences, slot 0 from rank r + 1 and slot 1
+    # from rank r + 2.
+    plan = {}
+    for d in range(16):
+        g = (d + (8 if d % 2 else 4)) % 16
+        plan[(d // 4, d // 2 % 2, d % 2)] = (g // 4, g // 2 % 2, g % 2)
+    outgoing = {}
+    for (r, j, b), (src, m, seq) in sorted(plan.items()):
+        if src == rank:
+            outgoing.setdefault(r, []).append(_sequence_piece(recorded(src, m), seq, S, b, B))
+    received = exchange_routes(outgoing, dist.group.WORLD)
+    # The pieces of this rank, in the senders' (sorted-plan) order.
+    expected_order = {}
+    for (r, j, b), (src, _, _) in sorted(plan.items()):
+        if r == rank:
+            expected_order.setdefault(src, []).append((j, b))
+    out = dict(pieces=sum(len(p) for p in received.values()), ok=[])
+    by_microbatch = {0: [], 1: []}
+    for src, pieces in received.items():
+        assert [p.layer_index.tolist() for p in pieces] == [[2, 3]] * len(pieces)
+        assert all(p.shape[0] == S for p in pieces)  # one sequence each, never a microbatch
+        for (j, _), piece in zip(expected_order[src], pieces):
+            by_microbatch[j].append(piece)
+    for j in range(2):
+        merged = merge_routes(by_microbatch[j])
+        # Reference: the planned sequences cut from the rebuilt recorded shards.
+        pieces = [
+            _sequence_piece(recorded(src, m), seq, S, b, B)
+            for b in range(B)
+            for (src, m, seq) in [plan[(rank, j, b)]]
+        ]
+        assert_same_routes(merged, merge_routes(pieces))
+        direct = torch.cat(
+            [
+                recorded(src, m).indices[seq * S : (seq + 1) * S]
+                for b in range(B)
+                for (src, m, seq) in [plan[(rank, j, b)]]
+            ]
+        )
+        out["ok"].append(torch.equal(merged.indices, direct))
+    return out
+
+
+def test_exchange_routes_regroups_sequences_across_data_parallel_ranks() -> None:
+    results = run_distributed(_rank_remicrobatch_4, 4, timeout=240)
+    for rank, out in enumerate(results):
+        assert out["pieces"] == 4, rank  # 2 microbatches x 2 sequences, nothing else
+        assert out["ok"] == [True, True], rank
+
+
+def test_exchange_functions_need_an_explicit_group() -> None:
+    routes = canonical_routes(1, 4, 1, 2, 8, seed=1)
+    layout = layout_for_rank(1, 4)
+    with pytest.raises(ValueError, match="scatter_routes: group=None must be a torch"):
+        scatter_routes(routes, layout, [0], None)
+    with pytest.raises(ValueError, match="gather_routes: group=None"):
+        gather_routes(routes, None)
+    with pytest.raises(ValueError, match="exchange_routes: group=None"):
+        exchange_routes({}, None)
+
+
 def _rank_thd_cp2():
     """2 ranks, packed THD with padding under CP2: scatter, replay rows, gather."""
     import torch.distributed as dist
@@ -707,9 +814,10 @@ def _rank_thd_cp2():
     layout = layout_for_rank(
         1, total, cp_rank=rank, cp_size=2, cu_seqlens=cu, cu_seqlens_padded=cu_padded
     )
-    local = scatter_routes(routes if rank == 0 else None, layout, [0, 1, 2])
+    world = dist.group.WORLD
+    local = scatter_routes(routes if rank == 0 else None, layout, [0, 1, 2], world)
     assert_same_routes(local, shard_routes(routes, layout, [0, 1, 2]))
-    gathered = gather_routes(local, dst=1)
+    gathered = gather_routes(local, world, dst=1)
     if rank == 1:
         assert_same_routes(gathered, routes)
     return layout.token_index.tolist()

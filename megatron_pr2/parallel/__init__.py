@@ -2,7 +2,12 @@
 # (layout.py), slicing a canonical batch to one rank (sharding.py), the shard message format
 # (codec.py) and scatter / gather between ranks (exchange.py).
 
-from megatron_pr2.parallel.exchange import gather_routes, scatter_routes
+from megatron_pr2.parallel.exchange import (
+    exchange_routes,
+    gather_routes,
+    merge_routes,
+    scatter_routes,
+)
 from megatron_pr2.parallel.layers import global_moe_layer_id, moe_layer_ids, moe_layer_pattern
 from megatron_pr2.parallel.layout import layout_for_rank, thd_partitioned_indices
 from megatron_pr2.parallel.sharding import check_shard, shard_routes
@@ -17,4 +22,6 @@ __all__ = [
     "check_shard",
     "scatter_routes",
     "gather_routes",
+    "exchange_routes",
+    "merge_routes",
 ]

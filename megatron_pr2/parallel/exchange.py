@@ -1,8 +1,18 @@
-# Scatter / gather of route shards between the ranks of a process group: every rank receives
-# only its own packed slice from the canonical batch on one source; gather rebuilds the canonical
-# batch on one destination.
+# Route shards between the ranks of a process group, with collectives only: every exchange is
+# two all_to_all_single calls over the group (the message sizes, then the bytes with uneven
+# splits), never one point-to-point message per peer.
+#
+#   scatter_routes   every rank gets only its own packed slice from the canonical batch on `src`
+#   gather_routes    the canonical batch rebuilt on `dst` (export, debugging: it holds every
+#                    layer of the microbatch; not for the training path)
+#   exchange_routes  sharded re-microbatching: each rank sends the pieces (tokens x its stage's
+#                    layers) that other ranks need and receives its own; no rank ever holds more
+#                    layers than its pieces carry, no rank relays another's
+#
+# The process group is always explicit (a torch.distributed.ProcessGroup: e.g. the data-parallel
+# group for re-microbatching); ranks are ranks within it. Messages use parallel/codec.py.
 
-from typing import Any, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,58 +34,96 @@ from megatron_pr2.parallel.sharding import (
     row_layers,
     row_tokens,
     shard_identity,
-    shard_routes,
     slice_shard,
 )
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
+
+# An 8-byte refusal in place of a shard (shards start with a 128-byte header).
+_REFUSED = torch.tensor([-1], dtype=torch.int64)
 
 
-def _send(payload: torch.Tensor, dst: int, group: Any, device: torch.device) -> None:
-    dist.send(
-        torch.tensor([payload.numel()], dtype=torch.int64, device=device), dst=dst, group=group
+def _check_group(name: str, group: object) -> dist.ProcessGroup:
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(
+            f"{name}: group={group!r} must be a torch.distributed.ProcessGroup (e.g. the "
+            "data-parallel group); there is no default"
+        )
+    return group
+
+
+def exchange_bytes(
+    outgoing: Sequence[torch.Tensor], group: dist.ProcessGroup
+) -> List[torch.Tensor]:
+    """All-to-all of one uint8 message per rank of `group` (outgoing[r] goes to group rank r;
+    empty messages allowed): the sizes, then the bytes. Returns the message from each rank.
+    Collective: every rank of `group` calls it (one host read of the W sizes per call)."""
+    world = group.size()
+    assert len(outgoing) == world, (len(outgoing), world)
+    device = comm_device(group)
+    send_sizes = [int(m.numel()) for m in outgoing]
+    sizes = torch.tensor(send_sizes, dtype=torch.int64, device=device)
+    recv_sizes = torch.empty_like(sizes)
+    dist.all_to_all_single(recv_sizes, sizes, group=group)
+    recv_sizes = recv_sizes.tolist()
+    send = torch.cat([m.reshape(-1).to(torch.uint8) for m in outgoing]).to(device)
+    received = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(
+        received,
+        send,
+        output_split_sizes=recv_sizes,
+        input_split_sizes=send_sizes,
+        group=group,
     )
-    if payload.numel() > 0:
-        dist.send(payload.to(device), dst=dst, group=group)
+    return list(received.cpu().split(recv_sizes))
 
 
-def _recv(src: int, group: Any, device: torch.device) -> torch.Tensor:
-    size = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(size, src=src, group=group)
-    n = int(size.item())
-    assert n > 0, f"route transfer: unexpected message size {n}"
-    buf = torch.empty(n, dtype=torch.uint8, device=device)
-    dist.recv(buf, src=src, group=group)
-    return buf.cpu()
+def _encode(routes: RouteBatch, sharded: bool = True) -> torch.Tensor:
+    return encode_shard(
+        routes.indices,
+        routes.num_experts,
+        routes.dropped,
+        routes.cache,
+        routes.num_tokens,
+        routes.seq_length,
+        token_index=row_tokens(routes) if sharded else None,
+        layer_index=row_layers(routes) if sharded else None,
+    )
 
 
-def _recv_size(src: int, group: Any, device: torch.device) -> int:
-    size = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(size, src=src, group=group)
-    return int(size.item())
-
-
-def _group_info(group: Any) -> Tuple[Any, int, int]:
-    group = dist.group.WORLD if group is None else group
-    return group, dist.get_rank(group), dist.get_world_size(group)
-
-
-def _global(group: Any, group_rank: int) -> int:
-    return dist.get_global_rank(group, group_rank) if group is not dist.group.WORLD else group_rank
+def _as_routes(parts: dict) -> RouteBatch:
+    return RouteBatch(
+        parts["indices"],
+        parts["num_experts"],
+        dropped=parts["dropped"],
+        token_index=parts.get("token_index"),
+        layer_index=parts.get("layer_index"),
+        num_tokens=parts["num_tokens"],
+        seq_length=parts["seq_length"],
+        cache=parts["cache"],
+        identity=parts.get("identity"),
+    )
 
 
 def scatter_routes(
     routes: Optional[RouteBatch],
     layout: TokenLayout,
     layer_ids: IntSeq,
-    group: Any = None,
+    group: dist.ProcessGroup,
     src: int = 0,
 ) -> RouteBatch:
-    """_scatter_routes, then every rank of the group raises if any rank failed."""
-    group, rank, _ = _group_info(group)
-    error: Optional[ValueError] = None
+    """Give every rank of `group` its own route shard (the rows of `layout`, the MoE layers
+    `layer_ids`) from the canonical batch on `src` (a rank within `group`; only it passes
+    `routes`, the others None). Two exchanges: each rank's request to `src` (header [num_tokens,
+    seq_length, L_local, code_len] + the run-length token code + its layer ids), then from `src`
+    each rank's packed slice. Bytes received per rank: its slice (128 B header +
+    ceil(T_r * L_r * k * ceil(log2 E) / 8) [+ masks] [+ its cache]) + 8 W for the sizes.
+    Any rank's error is raised on every rank of the group (no hang)."""
+    group = _check_group("scatter_routes", group)
+    rank, world = group.rank(), group.size()
+    error: Optional[Exception] = None
     local = None
     try:
-        local = _scatter_routes(routes, layout, layer_ids, group, src)
+        local = _scatter_routes(routes, layout, layer_tensor(layer_ids), group, src, rank, world)
     except ValueError as exc:
         error = exc
     raise_on_any_rank(
@@ -87,150 +135,148 @@ def scatter_routes(
     return local
 
 
-def _scatter_routes(
-    routes: Optional[RouteBatch],
-    layout: TokenLayout,
-    layer_ids: IntSeq,
-    group: Any = None,
-    src: int = 0,
-) -> RouteBatch:
-    """Give every rank of `group` its own route shard from the canonical batch on `src`.
-
-    `src` is a rank *within* `group`; only it needs `routes` (others pass None). Protocol
-    (point-to-point, CPU tensors on gloo, device tensors on NCCL):
-      1. each rank != src sends src its request: header [num_tokens, seq_length, L_local,
-         code_len] + the run-length token code (encode_token_index) + its layer ids
-         (8 * (4 + code_len + L_local) bytes; code_len is 4 + 2 * runs for layout_for_rank
-         layouts);
-      2. src decodes the canonical routes once, slices each request and sends each rank ONLY
-         its packed slice.
-    Bytes received per rank: 8 (size) + 128 (header) + ceil(T_r * L_r * k * ceil(log2 E) / 8)
-    [+ ceil(T_r * L_r / 8) if it has missing tokens] [+ ceil(T_r * L_r * k / 8) with capacity-drop
-    masks] [+ cache: 8 * C_r + C_r * L_r * (H + E) * itemsize]. Routes are never broadcast.
-    An invalid request fails loudly on src and on the requesting rank (no hang).
-    """
-    layer_ids = layer_tensor(layer_ids)
-    group, rank, world = _group_info(group)
-    if not 0 <= src < world:
+def _scatter_routes(routes, layout, layer_ids, group, src, rank, world) -> RouteBatch:
+    if not 0 <= src < world:  # the same on every rank: they all raise before any collective
         raise ValueError(f"scatter_routes: src={src} not a rank of the group (size {world})")
-    device = comm_device(group)
-    if rank != src:
-        code = encode_token_index(layout.token_index, layout.num_tokens, layout.seq_length)
-        request = torch.cat(
-            [
-                torch.tensor(
-                    [layout.num_tokens, layout.seq_length or -1, layer_ids.numel(), code.numel()]
-                ),
-                code,
-                layer_ids,
-            ]
-        )
-        _send(as_bytes(request), _global(group, src), group, device)
-        size = _recv_size(_global(group, src), group, device)
-        if size < 0:
-            raise ValueError(
-                f"scatter_routes: source rank {src} could not serve rank {rank}'s request "
-                f"({layout.token_index.numel()} tokens, MoE layers {layer_ids.tolist()}); see the "
-                f"source rank's error"
-            )
-        buf = torch.empty(size, dtype=torch.uint8, device=device)
-        dist.recv(buf, src=_global(group, src), group=group)
-        parts = decode_shard(buf.cpu())
-        local = RouteBatch(
-            parts["indices"],
-            parts["num_experts"],
-            dropped=parts["dropped"],
-            token_index=layout.token_index,
-            layer_index=layer_ids,
-            num_tokens=parts["num_tokens"],
-            seq_length=layout.seq_length,
-            cache=parts["cache"],
-            identity=shard_identity(layout, layer_ids, parts["cached_tokens"]),
-        )
-        check_shard(local, layout, layer_ids)
-        return local
-
-    if routes is None:
-        # Still answer every request so that peers fail instead of hanging.
-        error: Optional[Exception] = ValueError(
-            f"scatter_routes: src rank {src} was given routes=None"
-        )
-    else:
-        error = None
-    full_indices = routes.indices if routes is not None else None
-    full_dropped = routes.dropped if routes is not None else None
-    for peer in range(world):
-        if peer == src:
-            continue
-        request = _recv(_global(group, peer), group, device).view(torch.int64)
-        num_tokens, seq_length, num_layers, code_len = (int(x) for x in request[:4])
-        code = request[4 : 4 + code_len]
-        peer_layers = request[4 + code_len : 4 + code_len + num_layers]
-        try:
-            if routes is None:
-                raise error
-            check_request(routes, num_tokens, None if seq_length < 0 else seq_length)
-            indices, dropped, cache = slice_shard(
-                routes, full_indices, full_dropped, decode_token_index(code), peer_layers
-            )
-            payload = encode_shard(
-                indices,
-                routes.num_experts,
-                dropped,
-                cache,
-                num_tokens,
-                None if seq_length < 0 else seq_length,
-                cached_tokens=cached_tokens(routes),
-            )
-        except ValueError as exc:
-            error = error or ValueError(f"scatter_routes: request of rank {peer}: {exc}")
-            dist.send(
-                torch.tensor([-1], dtype=torch.int64, device=device),
-                dst=_global(group, peer),
-                group=group,
-            )
-            continue
-        _send(payload, _global(group, peer), group, device)
+    code = encode_token_index(layout.token_index, layout.num_tokens, layout.seq_length)
+    header = [layout.num_tokens, layout.seq_length or -1, layer_ids.numel(), code.numel()]
+    request = as_bytes(torch.cat([torch.tensor(header), code, layer_ids]))
+    empty = torch.empty(0, dtype=torch.uint8)
+    requests = exchange_bytes([request if r == src else empty for r in range(world)], group)
+    replies = [empty] * world
+    error: Optional[Exception] = None
+    if rank == src:
+        if routes is None:
+            error = ValueError(f"scatter_routes: src rank {src} was given routes=None")
+        else:
+            # One narrow decode of the canonical batch (uint8 ids, not int64), sliced per rank.
+            dtype = torch.int16 if routes.missing is not None else None
+            full = routes.decode_indices(dtype or narrowest_int_dtype(routes.num_experts))
+            dropped = routes.dropped
+        replies = []
+        for peer, message in enumerate(requests):
+            request = message.clone().view(torch.int64)
+            num_tokens, seq_length, num_layers, code_len = (int(x) for x in request[:4])
+            try:
+                if routes is None:
+                    raise error
+                seq_length = None if seq_length < 0 else seq_length
+                check_request(routes, num_tokens, seq_length)
+                tokens = decode_token_index(request[4 : 4 + code_len])
+                layers = request[4 + code_len : 4 + code_len + num_layers]
+                indices, drops, cache = slice_shard(routes, full, dropped, tokens, layers)
+                replies.append(
+                    encode_shard(
+                        indices.to(torch.int64),
+                        routes.num_experts,
+                        drops,
+                        cache,
+                        num_tokens,
+                        seq_length,
+                        cached_tokens=cached_tokens(routes),
+                    )
+                )
+            except ValueError as exc:
+                error = error or ValueError(f"scatter_routes: request of rank {peer}: {exc}")
+                replies.append(as_bytes(_REFUSED))
+    mine = exchange_bytes(replies, group)[src]
     if error is not None:
         raise error
-    local = shard_routes(routes, layout, layer_ids)
+    if mine.numel() == _REFUSED.numel() * 8:
+        raise ValueError(
+            f"scatter_routes: source rank {src} could not serve rank {rank}'s request "
+            f"({layout.token_index.numel()} tokens, MoE layers {layer_ids.tolist()}); see the "
+            f"source rank's error"
+        )
+    parts = decode_shard(mine)
+    parts.update(token_index=layout.token_index, layer_index=layer_ids)
+    parts["seq_length"] = layout.seq_length
+    parts["identity"] = shard_identity(layout, layer_ids, parts["cached_tokens"])
+    local = _as_routes(parts)
+    check_shard(local, layout, layer_ids)
     return local
 
 
-def gather_routes(local: RouteBatch, group: Any = None, dst: int = 0) -> Optional[RouteBatch]:
-    """Assemble the canonical RouteBatch on `dst` (a rank within `group`) from every rank's shard.
+def gather_routes(
+    local: RouteBatch, group: dist.ProcessGroup, dst: int = 0
+) -> Optional[RouteBatch]:
+    """Assemble the canonical RouteBatch on `dst` (a rank within `group`) from every rank's
+    shard, in one exchange; None on the other ranks. For export and debugging: `dst` then holds
+    every layer of the microbatch (re-microbatching for training uses exchange_routes).
 
     Shards may cover different token subsets (SP / CP) and layer subsets (PP / VPP stages);
     tokens routed by several ranks (TP peers without sequence parallelism, or data duplicated
     on purpose) must agree exactly (indices, missing and drop masks, cache), else ValueError.
-    Every (token, layer) of the union of layers must be covered by some rank. The cache is
-    assembled the same way when shards carry one. Returns None on ranks other than dst.
+    Every (token, layer) of the union of layers must be covered by some rank.
     """
-    group, rank, world = _group_info(group)
+    group = _check_group("gather_routes", group)
+    rank, world = group.rank(), group.size()
     if not 0 <= dst < world:
         raise ValueError(f"gather_routes: dst={dst} not a rank of the group (size {world})")
-    device = comm_device(group)
-    payload = encode_shard(
-        local.indices,
-        local.num_experts,
-        local.dropped,
-        local.cache,
-        local.num_tokens,
-        local.seq_length,
-        token_index=row_tokens(local),
-        layer_index=row_layers(local),
-    )
+    payload = _encode(local)
+    empty = torch.empty(0, dtype=torch.uint8)
+    received = exchange_bytes([payload if r == dst else empty for r in range(world)], group)
     if rank != dst:
-        _send(payload, _global(group, dst), group, device)
         return None
-    shards = []
-    for peer in range(world):
-        shards.append(
-            decode_shard(payload)
-            if peer == dst
-            else decode_shard(_recv(_global(group, peer), group, device))
+    return assemble_routes([decode_shard(message) for message in received])
+
+
+def exchange_routes(
+    outgoing: Dict[int, Sequence[RouteBatch]], group: dist.ProcessGroup
+) -> Dict[int, List[RouteBatch]]:
+    """Sharded re-microbatching: send outgoing[r] (route pieces for group rank r) to every r and
+    receive the pieces addressed to this rank, {source rank: [pieces]} in the sender's order.
+
+    A piece is any RouteBatch (typically `shard_routes` of a recorded shard to the sequences
+    another rank trains on, with its token ids relabelled for the destination microbatch by the
+    caller); it travels bit-packed with its token and layer ids and cache. One exchange over
+    `group` (e.g. the data-parallel group, whose ranks hold the same stage layers): each rank
+    sends and receives only its pieces, plus 8 W bytes of sizes. Merge pieces of one microbatch
+    with merge_routes."""
+    group = _check_group("exchange_routes", group)
+    world = group.size()
+    bad = sorted(r for r in outgoing if not 0 <= r < world)
+    if bad:
+        raise ValueError(
+            f"exchange_routes: destination ranks {bad} not in the group (size {world})"
         )
-    return assemble_routes(shards)
+    messages = []
+    for r in range(world):
+        pieces = [_encode(piece) for piece in outgoing.get(r, ())]
+        directory = torch.tensor([len(pieces)] + [p.numel() for p in pieces], dtype=torch.int64)
+        messages.append(torch.cat([as_bytes(directory)] + pieces))
+    out: Dict[int, List[RouteBatch]] = {}
+    for src, message in enumerate(exchange_bytes(messages, group)):
+        count = int(message[:8].clone().view(torch.int64)[0])
+        sizes = message[8 : 8 * (1 + count)].clone().view(torch.int64).tolist()
+        pos, pieces = 8 * (1 + count), []
+        for size in sizes:
+            pieces.append(_as_routes(decode_shard(message[pos : pos + size])))
+            pos += size
+        if pieces:
+            out[src] = pieces
+    return out
+
+
+def merge_routes(pieces: Sequence[RouteBatch]) -> RouteBatch:
+    """One canonical RouteBatch from pieces of the same microbatch that together cover every
+    (token, layer) (rules of gather_routes)."""
+    if not pieces:
+        raise ValueError("merge_routes: no pieces")
+    parts = [
+        dict(
+            indices=piece.indices,
+            dropped=piece.dropped,
+            cache=piece.cache,
+            token_index=row_tokens(piece),
+            layer_index=row_layers(piece),
+            num_tokens=piece.num_tokens,
+            num_experts=piece.num_experts,
+            seq_length=piece.seq_length,
+        )
+        for piece in pieces
+    ]
+    return assemble_routes(parts)
 
 
 def assemble_routes(shards: List[dict]) -> RouteBatch:
