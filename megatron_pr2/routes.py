@@ -190,7 +190,8 @@ class RouteBatch:
                 f"RouteBatch expert id {int(indices.min())} is negative; only {MISSING} (in "
                 f"every slot of a token) marks a missing route"
             )
-        missing = indices == MISSING
+        # An unsigned dtype cannot hold the marker (uint8 255 == -1 compares true).
+        missing = (indices == MISSING) if indices.is_signed() else torch.zeros_like(indices).bool()
         ordered = indices.sort(dim=-1).values
         duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
         if bool(duplicate.any()):

@@ -286,3 +286,15 @@ def test_check_layers_against_the_model() -> None:
     shard.check_layers(4)
     with pytest.raises(ValueError, match=r"layer_index \[1, 3\] names MoE layers .* has 3"):
         shard.check_layers(3)
+
+
+def test_uint8_routes_of_256_experts_keep_expert_255():
+    """Records are kept in the narrowest dtype (uint8 up to 256 experts): expert 255 is an
+    expert, not the -1 missing marker."""
+    from megatron_pr2 import RouteBatch
+
+    indices = torch.tensor([[[255, 0]], [[3, 255]]], dtype=torch.uint8)
+    batch = RouteBatch(indices, 256)
+    assert batch.missing is None
+    assert torch.equal(batch.indices, indices.long())
+    assert torch.equal(batch.decode_indices(torch.uint8), indices)
