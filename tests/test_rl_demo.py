@@ -103,10 +103,11 @@ def test_bar_check_states_met_not_met_and_no_clear_difference():
     )
     lines = report.bar_check(summary, ["pr2-x", "pr2-y"], {"eval/exact_match": 0.5})
     text = "\n".join(lines)
-    assert lines[0].startswith("- expert change per update (mean over modes): 0.0900") and lines[
-        0
-    ].endswith(": met")
-    assert "clip fraction r2 < none" in lines[2] and lines[2].endswith(": met")
+    assert lines[0] == (
+        "- expert change per update without replay (none): 0.0900 ± 0.0141; bar 5%-15%: met"
+    )
+    assert lines[1] == "- expert change per update with replay (other modes): 0.0900 to 0.0900"
+    assert "clip fraction r2 < none" in lines[3] and lines[3].endswith(": met")
     x = lines[lines.index("**pr2-x**") + 2 :][:2]
     assert x[0].endswith(": met") and "beyond the seed spread" in x[0]
     assert x[1].endswith(": met (no clear difference; the bar is <=)")

@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-n1-check", action="store_true", help="skip the N=1 R2==PR2 check")
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="--compare: rebuild report, plots and summary from the runs already in --run-dir",
+    )
+    p.add_argument(
         "--no-checkpoints",
         action="store_true",
         help="write no RL checkpoints (a comparison needs none; they are most of its disk use)",
@@ -536,7 +541,8 @@ def compare(args, preset: Preset) -> int:
                 variants = [(f"{mode}-{p}", p) for p in args.predictors]
             for label, predictor in variants:
                 run_dir = os.path.join(root, "compare", label, f"seed{seed}")
-                _clean_run_dir(run_dir)
+                if not args.report_only:
+                    _clean_run_dir(run_dir)
                 job = {**base, "label": label, "mode": mode, "seed": seed, "run_dir": run_dir}
                 if predictor is not None:
                     job["predictor"] = predictor
@@ -544,7 +550,8 @@ def compare(args, preset: Preset) -> int:
     if not args.no_n1_check:
         for mode in ("r2", "pr2"):
             run_dir = os.path.join(root, "n1_check", mode)
-            _clean_run_dir(run_dir)
+            if not args.report_only:
+                _clean_run_dir(run_dir)
             jobs.append(
                 {
                     **base,
@@ -560,7 +567,7 @@ def compare(args, preset: Preset) -> int:
                 }
             )
     t_runs = time.time()
-    results = _run_jobs(jobs, workers)
+    results = _load_results(root, jobs) if args.report_only else _run_jobs(jobs, workers)
     t_runs = time.time() - t_runs
 
     runs: Dict[str, Dict[int, list]] = {}
@@ -569,12 +576,16 @@ def compare(args, preset: Preset) -> int:
     n1 = {}
     for job, res in zip(jobs, results):
         if job.get("num_ministeps") == 1:
-            n1[job["mode"]] = res
+            if res is not None:
+                n1[job["mode"]] = res
             continue
         runs.setdefault(job["label"], {})[job["seed"]] = res["history"]
         evals.setdefault(job["label"], {})[job["seed"]] = res.get("eval", {})
         run_seconds.append(res["seconds"])
     n1_check = n1_identity(n1["r2"], n1["pr2"]) if n1 else None
+    if args.report_only:
+        n1_check = _saved(root).get("n1_check")
+        t_runs = _saved(root).get("timings", {}).get("all RL runs (wall)", t_runs)
     if dist.get_rank() != 0:
         return 0
     labels = list(runs)  # job order: modes as given, PR2 modes once per predictor
@@ -622,6 +633,8 @@ def compare(args, preset: Preset) -> int:
         "mean RL run": sum(run_seconds) / max(1, len(run_seconds)),
         "total": time.time() - t_all,
     }
+    if args.report_only:
+        timings = {**_saved(root).get("timings", {}), "report rebuilt in": time.time() - t_all}
     report_path = os.path.join(root, "report.md")
     per_ministep = report.ministep_tables(runs, preset.num_ministeps)
     report.write_report(
@@ -672,6 +685,36 @@ def compare(args, preset: Preset) -> int:
             default=str,
         )
     return 0 if n1_check is None or n1_check["verdict"] == "IDENTICAL" else 1
+
+
+def _saved(root: str) -> dict:
+    path = os.path.join(root, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_results(root: str, jobs: List[dict]) -> List[dict]:
+    """--report-only: every comparison run's history and evaluation from its run dir (the
+    N = 1 check and timings come from the saved summary.json)."""
+    out = []
+    for job in jobs:
+        if job.get("num_ministeps") == 1:
+            out.append(None)
+            continue
+        path = os.path.join(job["run_dir"], "tb", "metrics.jsonl")
+        if not os.path.exists(path):
+            raise ValueError(f"--report-only: {path} is missing; run the comparison first")
+        with open(path) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        result_file = os.path.join(job["run_dir"], "result.json")
+        evaluation = {}
+        if os.path.exists(result_file):
+            with open(result_file) as f:
+                evaluation = json.load(f).get("eval", {})
+        out.append({"history": history, "eval": evaluation, "seconds": 0.0})
+    return out
 
 
 def _clean_run_dir(run_dir: str) -> None:
