@@ -143,6 +143,8 @@ def routing(
         if mode != "predict_record":
             raise ValueError(f"routing cache_mask needs mode='predict_record', not {mode!r}")
         cache_mask = [cache_mask] if isinstance(cache_mask, torch.Tensor) else list(cache_mask)
+        # Host copies made here, at entry: the per-microbatch record path reads no device mask.
+        cache_mask = [mask.detach().to("cpu", torch.bool) for mask in cache_mask]
     routers = pr2_routers(model)
     routes = None if routes is None else list(routes)
     session = RoutingSession(
