@@ -148,3 +148,100 @@ def test_predictive_accuracy_scores_the_replayed_route_not_the_current_predictor
     after = replay_metrics()
     assert float(after["predictive_topk_accuracy"][0]) == 1.0
     assert float(after["bias_to_logit_ratio"][0]) > 1.0  # the current W_p is used elsewhere
+
+
+# -- a loss for sigmoid routers with expert bias ---------------------------------------------------
+def test_sigmoid_kl_learns_a_per_token_shift_that_kl_post_cannot_see(pg):
+    """DeepSeek-V3-style router (sigmoid scores, expert bias, group-limited top-k). The drift adds
+    the same per-token shift c(h) = h . u to every expert's logit: the softmax of kl-post is blind
+    to it, but TopK(sigmoid(p) + bias) moves. sigmoid-kl learns it; kl-post stays at R2."""
+    from megatron_pr2 import routing
+    from megatron_pr2.predictor import predictor_loss
+
+    config = make_moe_config(
+        hidden_size=32,
+        num_moe_experts=16,
+        moe_router_topk=4,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=4,
+        moe_router_group_topk=2,
+    )
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(32, generator=gen) * 0.4
+    # A per-token shift leaves softmax unchanged exactly: kl-post has nothing to learn from it.
+    p = torch.randn(5, 16, generator=gen)
+    zero = torch.zeros(5, 16, requires_grad=True)
+    assert float(predictor_loss("kl-post", p + 1.7, p, zero)) == pytest.approx(0.0, abs=1e-6)
+    assert float(predictor_loss("sigmoid-kl", p + 1.7, p, zero)) > 0.1
+
+    results = {}
+    for loss in ("kl-post", "sigmoid-kl"):
+        layer = _pr2_layer(pg, config, loss=loss, cache_tokens_per_sequence=-1)
+        router = layer.router
+        with torch.no_grad():
+            router.expert_bias.copy_(torch.linspace(-0.4, 0.4, 16))
+            router.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+        w0 = router.weight.detach().clone()
+        opt = torch.optim.Adam(router.predictor.parameters(), lr=0.03)
+
+        def rollout(seed):
+            x = torch.randn(16, 4, 32, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                router.weight.copy_(w0)
+            with torch.no_grad(), routing(router, "predict_record") as handle:
+                router(x)
+            with torch.no_grad():
+                # The next policy update: every expert's logit shifts by h . u.
+                router.weight.copy_(w0 + u.unsqueeze(0))
+            return x, handle.routes
+
+        for step in range(40):
+            x, routes = rollout(200 + step)
+            with routing(router, "replay", routes=routes, ministep=2):
+                probs, _ = router(x)
+                probs.sum().mul(0).backward()
+            opt.step()
+            opt.zero_grad()
+        x, routes = rollout(999)
+        with torch.no_grad(), routing(router, "replay", routes=routes, ministep=2) as handle:
+            router(x)
+        results[loss] = {k: float(v[0]) for k, v in handle.metrics.items()}
+    r2 = results["kl-post"]["r2_topk_accuracy"]
+    assert r2 < 0.9  # the shift moves the sigmoid + bias top-k
+    assert results["kl-post"]["predictive_topk_accuracy"] < r2 + 0.03
+    assert results["sigmoid-kl"]["predictive_topk_accuracy"] > r2 + 0.05, results
+
+
+def test_sgd_predictor_update_is_gradient_descent_inside_adamw():
+    from megatron_pr2.arguments import pr2_optimizer_config_overrides
+    from megatron_pr2.optim import predictor_param_groups
+
+    torch.manual_seed(0)
+    model = _predictor_model()
+    groups = predictor_param_groups(model, 1e-3, 300.0, update="sgd")
+    opt = torch.optim.AdamW(groups)
+    w0 = model.predictor.weight.detach().clone()
+    grads = []
+    for step in range(3):
+        g = torch.randn_like(w0) * 1e-4
+        grads.append(g)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        model.predictor.weight.grad = g.clone()
+        opt.step()
+    # Three steps of plain gradient descent at lr 0.3 (momentum-free, not normalised).
+    expected = w0 - 0.3 * sum(grads)
+    torch.testing.assert_close(model.predictor.weight.detach(), expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="predictor_update='momentum'"):
+        predictor_param_groups(model, 1e-3, 1.0, update="momentum")
+
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core.optimizer import OptimizerConfig
+
+    overrides = pr2_optimizer_config_overrides(OptimizerConfig(lr=1e-4), 10.0, {}, "sgd")
+    (override,) = overrides.values()
+    assert override["betas"] == (0.0, 0.999) and override["eps"] == 1.0
+    assert override["pr2_predictor"] is True and override["max_lr"] == pytest.approx(1e-3)
