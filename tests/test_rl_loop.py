@@ -357,6 +357,57 @@ def test_config_validation():
         RLConfig(prompts_per_step=3, group_size=3, num_ministeps=2)
     with pytest.raises(ValueError, match="micro_batch_size"):
         RLConfig(prompts_per_step=4, group_size=4, num_ministeps=2, micro_batch_size=3)
+    with pytest.raises(ValueError, match="lr_decay_style"):
+        RLConfig(lr_decay_style="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        RLConfig(min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="lr_warmup_iters"):
+        RLConfig(lr_warmup_iters=-1)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from megatron_pr2.rl.loop import RLConfig, lr_factor
+
+    cfg = RLConfig(steps=5, prompts_per_step=4, group_size=4, num_ministeps=2, lr_warmup_iters=4)
+    # Linear warmup over 4 optimizer steps, then constant.
+    assert [lr_factor(cfg, i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = dataclasses.replace(cfg, lr_decay_style="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(cos, i) for i in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    # Cosine from 1 at the first step after the warmup to min_lr_ratio at the last one.
+    assert factors[9] == pytest.approx(0.1)
+    assert factors[4] == 1.0 and all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
+
+
+def test_lr_schedule_drives_the_policy_groups_not_the_predictor(setup, tmp_path):
+    cfg = micro_rl_config(
+        "pr2", steps=2, lr_warmup_iters=2, lr_decay_style="cosine", min_lr_ratio=0.5
+    )
+    trainer = make_trainer(setup, cfg, tmp_path)
+    lrs = []
+    step = trainer.optimizer.step
+
+    def record_step(*args, **kwargs):
+        lrs.append([group["lr"] for group in trainer.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record_step
+    history = trainer.train(progress=False)
+    predictor = [
+        any(".predictor." in name for name, p in trainer.model.named_parameters() if p is q)
+        for group in trainer.optimizer.param_groups
+        for q in group["params"][:1]
+    ]
+    assert any(predictor) and not all(predictor)
+    factors = [0.5, 1.0, 1.0, 0.5]  # warmup 2, then cosine 1 -> 0.5 over the last 2 steps
+    for step_lrs, factor in zip(lrs, factors):
+        for lr, is_predictor in zip(step_lrs, predictor):
+            if is_predictor:  # 0 while frozen (mini-step 1), else alpha x lr, never scheduled
+                assert lr in (0.0, cfg.lr * cfg.pr2.alpha)
+            else:
+                assert lr == pytest.approx(cfg.lr * factor)
+    assert [h["rl/lr"] for h in history] == pytest.approx([cfg.lr * 0.75, cfg.lr * 0.75])
 
 
 # ---------------------------------------------------------------------------------------------

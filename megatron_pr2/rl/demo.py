@@ -62,6 +62,14 @@ class Preset:
     """N mini-steps per rollout batch."""
     lr: float = 3e-4
     """RL base learning rate (6e-4 and above broke the policy in our measurements)."""
+    lr_warmup_iters: int = 0
+    """Optimizer steps of linear lr warmup in RL (RLConfig.lr_warmup_iters)."""
+    lr_decay_style: str = "constant"
+    """RL lr schedule after the warmup: 'constant' or 'cosine' (RLConfig.lr_decay_style)."""
+    min_lr_ratio: float = 0.0
+    """End of the cosine decay as a fraction of lr (RLConfig.min_lr_ratio)."""
+    router_lr_mult: float = 1.0
+    """RL learning-rate multiplier of the router weights (RLConfig.router_lr_mult)."""
     router_weight_decay: Optional[float] = 30.0
     """AdamW weight decay of the router weights in RL (None: like the other weights, 0): it keeps
     the router logits small, so one update changes more routes."""
@@ -297,6 +305,10 @@ def _configs(preset: Preset, job: dict):
         group_size=preset.group_size,
         num_ministeps=job.get("num_ministeps", preset.num_ministeps),
         lr=preset.lr,
+        lr_warmup_iters=preset.lr_warmup_iters,
+        lr_decay_style=preset.lr_decay_style,
+        min_lr_ratio=preset.min_lr_ratio,
+        router_lr_mult=preset.router_lr_mult,
         router_weight_decay=preset.router_weight_decay,
         engine_dtype=job.get("engine_dtype", "bf16"),
         policy=PolicyLossConfig(

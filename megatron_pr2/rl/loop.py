@@ -19,6 +19,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -85,6 +86,16 @@ class RLConfig:
     keeps the router logits small, so their margins stay comparable to one update's change."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
+    lr_warmup_iters: int = 0
+    """Optimizer steps of linear learning-rate warmup of the policy (Megatron's
+    --lr-warmup-iters). Adam's first steps move every weight by ~lr whatever the gradient's
+    size; without a warmup they knock the warm start's reward down before RL can lift it."""
+    lr_decay_style: str = "constant"
+    """'constant' or 'cosine' (from lr to min_lr_ratio x lr over the optimizer steps after the
+    warmup; Megatron's --lr-decay-style). The predictor's lr is not scheduled: it tracks the
+    router's drift at alpha x lr at every step (the predictor lab replays it so)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine decay, as a fraction of lr (Megatron's --min-lr / --lr)."""
     temperature: float = 1.0
     """Sampling temperature of the rollout."""
     engine_dtype: str = "bf16"
@@ -132,10 +143,31 @@ class RLConfig:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
         if not self.router_lr_mult > 0:
             raise ValueError(f"RLConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
+        if self.lr_warmup_iters < 0:
+            raise ValueError(f"RLConfig.lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}")
+        if self.lr_decay_style not in ("constant", "cosine"):
+            raise ValueError(
+                "RLConfig.lr_decay_style must be 'constant' or 'cosine', "
+                f"got {self.lr_decay_style!r}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"RLConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.lab_dump_fraction <= 1.0:
             raise ValueError(
                 f"RLConfig.lab_dump_fraction must be in [0, 1], got {self.lab_dump_fraction}"
             )
+
+
+def lr_factor(cfg: RLConfig, iteration: int) -> float:
+    """Policy learning-rate multiplier at 0-based optimizer step `iteration` of the run."""
+    total = cfg.steps * cfg.num_ministeps
+    if iteration < cfg.lr_warmup_iters:
+        return (iteration + 1) / cfg.lr_warmup_iters
+    if cfg.lr_decay_style == "constant":
+        return 1.0
+    progress = (iteration - cfg.lr_warmup_iters) / max(1, total - cfg.lr_warmup_iters - 1)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
 def derive_seed(*parts) -> int:
@@ -201,6 +233,12 @@ class RLTrainer:
             eps=1e-8,
         )
         self._predictor_params = [p for p in self.model.parameters() if is_predictor_param(p)]
+        # (group, base lr) of the scheduled groups: every group but the predictor's.
+        self._scheduled = [
+            (group, group["lr"])
+            for group in self.optimizer.param_groups
+            if not any(is_predictor_param(p) for p in group["params"])
+        ]
         self._policy_params = [p for p in self.model.parameters() if not is_predictor_param(p)]
         self.step_index = 0
         # Router-weight change over the previous rollout batch (per router), for the drift
@@ -400,6 +438,10 @@ class RLTrainer:
                 metrics.add("pr2/predictor_grad_norm", pred_norm, 1)
             # No predictor loss this mini-step (mini-step 1, no cached tokens, or not a PR2
             # mode): its gradient is an exact zero, and AdamW momentum would still move it.
+            factor = lr_factor(cfg, step * cfg.num_ministeps + i - 1)
+            for group, base_lr in self._scheduled:
+                group["lr"] = base_lr * factor
+            metrics.add("rl/lr", cfg.lr * factor, 1)
             with predictor_step_frozen(self.optimizer, not self._predictor_has_gradient()):
                 self.optimizer.step()
         self._router_drift_metrics(metrics, routers, weights_before)
