@@ -125,6 +125,33 @@ def test_ppo_gradient_is_policy_gradient_on_policy():
     assert torch.allclose(lp.grad, want, atol=1e-7)
 
 
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_kl_to_reference_adds_k3_and_its_gradient(ratio_level):
+    lp, old, adv, mask = _random_case(4)
+    ref = [[x + 0.2 * math.sin(3 * i + t) for t, x in enumerate(row)] for i, row in enumerate(lp)]
+    T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    base_cfg = PolicyLossConfig(ratio_level=ratio_level)
+    kl_cfg = PolicyLossConfig(ratio_level=ratio_level, kl_coeff=0.3)
+    logprobs = T(lp).requires_grad_(True)
+    loss, stats = policy_loss(logprobs, T(old), T(adv), T(mask), kl_cfg, T(ref))
+    base, _ = policy_loss(T(lp), T(old), T(adv), T(mask), base_cfg)
+    # Hand k3 (exp(ref - lp) - (ref - lp) - 1) over response tokens, and d/dlp = 1 - exp(ref - lp).
+    tokens = [(b, t) for b in range(len(lp)) for t in range(len(lp[b])) if mask[b][t]]
+    k3 = [math.exp(ref[b][t] - lp[b][t]) - (ref[b][t] - lp[b][t]) - 1 for b, t in tokens]
+    assert float(stats["kl_ref_sum"]) == pytest.approx(sum(k3), rel=1e-10)
+    assert float(loss) == pytest.approx(float(base) + 0.3 * sum(k3) / len(tokens), rel=1e-10)
+    logprobs_plain = T(lp).requires_grad_(True)
+    policy_loss(logprobs_plain, T(old), T(adv), T(mask), base_cfg)[0].backward()
+    loss.backward()
+    grad_kl = logprobs.grad - logprobs_plain.grad
+    for b in range(len(lp)):
+        for t in range(len(lp[b])):
+            want = 0.3 * (1 - math.exp(ref[b][t] - lp[b][t])) / len(tokens) if mask[b][t] else 0
+            assert float(grad_kl[b, t]) == pytest.approx(want, abs=1e-12)
+    # Without a reference the KL term is absent whatever kl_coeff says.
+    assert "kl_ref_sum" not in policy_loss(T(lp), T(old), T(adv), T(mask), kl_cfg)[1]
+
+
 def test_logprobs_and_entropy_against_reference():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5)
@@ -151,3 +178,5 @@ def test_policy_loss_config_validation():
         PolicyLossConfig(ratio_level="tokens")
     with pytest.raises(ValueError, match="clip_eps_low"):
         PolicyLossConfig(clip_eps_low=1.5)
+    with pytest.raises(ValueError, match="kl_coeff"):
+        PolicyLossConfig(kl_coeff=-0.1)

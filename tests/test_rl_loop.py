@@ -380,6 +380,23 @@ def test_lr_schedule_warmup_then_cosine():
     assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
 
 
+def test_kl_to_reference_anchors_on_the_frozen_warm_start(setup, tmp_path):
+    from megatron_pr2.rl.grpo import PolicyLossConfig
+
+    cfg = micro_rl_config("pr2", steps=2, policy=PolicyLossConfig(kl_coeff=0.1))
+    trainer = make_trainer(setup, cfg, tmp_path)
+    start = {k: v.clone() for k, v in trainer.reference.state_dict().items() if torch.is_tensor(v)}
+    history = trainer.train(progress=False)
+    # The reference is the warm start and stays it; the policy moves away from it.
+    for name, value in trainer.reference.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, start[name]), name
+    assert all(not p.requires_grad for p in trainer.reference.parameters())
+    kl = [h["rl/kl_to_reference"] for h in history]
+    assert 0 < kl[0] < kl[1]  # mini-step 1 of step 1 is at the reference (k3 = 0), then grows
+    assert make_trainer(setup, micro_rl_config("pr2"), tmp_path / "off").reference is None
+
+
 def test_lr_schedule_drives_the_policy_groups_not_the_predictor(setup, tmp_path):
     cfg = micro_rl_config(
         "pr2", steps=2, lr_warmup_iters=2, lr_decay_style="cosine", min_lr_ratio=0.5

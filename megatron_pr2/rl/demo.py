@@ -68,6 +68,8 @@ class Preset:
     """RL lr schedule after the warmup: 'constant' or 'cosine' (RLConfig.lr_decay_style)."""
     min_lr_ratio: float = 0.0
     """End of the cosine decay as a fraction of lr (RLConfig.min_lr_ratio)."""
+    kl_coeff: float = 0.0
+    """beta of the GRPO KL penalty to the warm start (PolicyLossConfig.kl_coeff)."""
     router_lr_mult: float = 1.0
     """RL learning-rate multiplier of the router weights (RLConfig.router_lr_mult)."""
     router_weight_decay: Optional[float] = 30.0
@@ -315,6 +317,7 @@ def _configs(preset: Preset, job: dict):
             clip_eps_low=job.get("clip_eps", 0.2),
             clip_eps_high=job.get("clip_eps", 0.2),
             ratio_level=job.get("ratio_level", "token"),
+            kl_coeff=preset.kl_coeff,
         ),
         pr2=PR2Config(
             predictor=job.get("predictor", "linear"),

@@ -6,7 +6,7 @@
 # advantages [batch] (one scalar per sequence, broadcast over its tokens).
 
 import dataclasses
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -43,6 +43,11 @@ class PolicyLossConfig:
     ratio_level: str = "token"
     """'token' (PPO/GRPO per-token ratio) or 'sequence' (GSPO: exp of the mean per-token log
     ratio of each sequence, one ratio per sequence)."""
+    kl_coeff: float = 0.0
+    """beta of the KL penalty to a frozen reference policy (the warm start), as in GRPO
+    (DeepSeekMath): the unbiased, non-negative k3 estimator exp(ref - lp) - (ref - lp) - 1 per
+    response token (verl's 'low_var_kl'), averaged like the policy term. 0 = off (no reference
+    model is built)."""
 
     def __post_init__(self) -> None:
         if self.ratio_level not in ("token", "sequence"):
@@ -54,6 +59,8 @@ class PolicyLossConfig:
             raise ValueError(
                 f"PolicyLossConfig.clip_eps_low must be in (0, 1), got {self.clip_eps_low}"
             )
+        if self.kl_coeff < 0:
+            raise ValueError(f"PolicyLossConfig.kl_coeff must be >= 0, got {self.kl_coeff}")
         if self.clip_eps_high <= 0:
             raise ValueError(
                 f"PolicyLossConfig.clip_eps_high must be > 0, got {self.clip_eps_high}"
@@ -66,8 +73,10 @@ def policy_loss(
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
     config: PolicyLossConfig,
+    ref_logprobs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Clipped surrogate loss -min(r A, clip(r) A), averaged over response tokens.
+    """Clipped surrogate loss -min(r A, clip(r) A), averaged over response tokens, plus
+    kl_coeff x the mean k3 KL to the reference policy when `ref_logprobs` are given.
 
     Token level: r_t = exp(logprobs_t - old_logprobs_t), loss = sum_t mask_t * l_t / sum mask.
     Sequence level (GSPO): s_i = exp(sum_t mask (lp - old) / |y_i|), the same clipped term per
@@ -76,7 +85,7 @@ def policy_loss(
     Returns (loss, stats) where stats are detached sums over this microbatch so callers can
     reduce across microbatches and ranks: 'tokens', 'clipped' (ratio-clipped units: tokens or
     sequences), 'units', 'abs_log_ratio_sum', 'outside_0.5_2' (token count with r outside
-    [0.5, 2]), 'max_ratio' (token-level max).
+    [0.5, 2]), 'max_ratio' (token-level max), 'kl_ref_sum' (summed k3 KL, with a reference).
     """
     mask = loss_mask.to(logprobs.dtype if logprobs.is_floating_point() else torch.float32)
     log_ratio = (logprobs - old_logprobs) * mask
@@ -100,6 +109,11 @@ def policy_loss(
         loss = (per_seq * valid).sum() / valid.sum().clamp(min=1.0)
         n_clipped = ((unclipped != clipped).to(mask.dtype) * valid).sum()
         n_units = valid.sum()
+    kl_ref = None
+    if ref_logprobs is not None:
+        delta = (ref_logprobs - logprobs) * mask
+        kl_ref = (torch.exp(delta) - delta - 1.0) * mask
+        loss = loss + config.kl_coeff * kl_ref.sum() / mask.sum().clamp(min=1.0)
     with torch.no_grad():
         token_ratio = torch.exp(log_ratio.detach())
         on = mask > 0
@@ -115,6 +129,8 @@ def policy_loss(
                 token_ratio[on].max() if on.any() else torch.zeros((), dtype=token_ratio.dtype)
             ),
         }
+        if kl_ref is not None:
+            stats["kl_ref_sum"] = kl_ref.detach().sum()
     return loss, stats
 
 

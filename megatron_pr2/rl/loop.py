@@ -226,6 +226,14 @@ class RLTrainer:
             load_full_state_dict(self.model, init_state)
         self.model.train()
         self.engine.eval()
+        # GRPO's KL anchor: a frozen copy of the starting policy (the warm start), fp32.
+        self.reference = None
+        if cfg.policy.kl_coeff > 0:
+            self.reference = build_gpt_model(
+                model_cfg, vocab, cfg.pr2, torch.float32, seed=cfg.seed
+            )
+            self.reference.load_state_dict(self.model.state_dict())
+            self.reference.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self._param_groups(),
             lr=cfg.lr,
@@ -347,10 +355,12 @@ class RLTrainer:
                 rollout_lp.append(lp)
                 engine_routes.append(h.routes)
 
-        # 4. Old-policy pass on the trainer.
-        old_lp, old_routes = [], []
+        # 4. Old-policy pass on the trainer (and the reference policy's log-probs).
+        old_lp, old_routes, ref_lp = [], [], []
         with torch.no_grad():
             for j, idx in enumerate(flat_micro):
+                if self.reference is not None:
+                    ref_lp.append(score(self.reference, sequences[idx], tok.vocab_size)[0])
                 routes = engine_routes[j] if old_mode == "replay" else None
                 cache = _cache_mask(old_mode, token_mask[idx])
                 with routing(self.model, old_mode, routes, **cache) as h, self.probe.old_pass(
@@ -404,7 +414,14 @@ class RLTrainer:
                     ctx = routing(self.model, "record")
                 with ctx as h, self.probe.ministep(i, j):
                     lp, _ = score(self.model, sequences[idx], tok.vocab_size)
-                    loss, stats = policy_loss(lp, old_lp[j], advantages[idx], mask, cfg.policy)
+                    loss, stats = policy_loss(
+                        lp,
+                        old_lp[j],
+                        advantages[idx],
+                        mask,
+                        cfg.policy,
+                        ref_lp[j] if ref_lp else None,
+                    )
                     (loss / len(mini)).backward()
                 if train_mode == "replay":
                     metrics.add_layers("pr2", h.metrics, ministep=i)
@@ -415,6 +432,10 @@ class RLTrainer:
                     metrics.add_per_layer("pr2/flip_rate", flips, ministep=i)
                 self.probe.add_metrics(metrics, j)
                 metrics.add("rl/policy_loss", float(loss.detach()), 1)
+                if "kl_ref_sum" in stats:
+                    metrics.add(
+                        "rl/kl_to_reference", float(stats["kl_ref_sum"]), float(stats["tokens"])
+                    )
                 metrics.add("rl/clip_fraction", float(stats["clipped"]), float(stats["units"]))
                 metrics.add(
                     f"rl/clip_fraction/ministep_{i}", float(stats["clipped"]), float(stats["units"])
