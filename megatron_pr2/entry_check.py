@@ -29,10 +29,10 @@ from megatron_pr2.identity import LayoutIdentity, layout_mismatch, stable_hash
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import cached_tokens, describe_layouts
 from megatron_pr2.records import cache_rows, microbatch_cache_tokens
-from megatron_pr2.residency import HostRoutes
+from megatron_pr2.residency import HostRoutes, cached_positions
 from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import RouteBatch, TokenLayout
-from megatron_pr2.session import RoutingSession, cached_positions
+from megatron_pr2.session import RoutingSession
 
 
 def own_identity(session: RoutingSession) -> LayoutIdentity:

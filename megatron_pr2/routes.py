@@ -16,8 +16,9 @@
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -98,11 +99,8 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(
     packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
-    """Inverse of pack_bits: the first `count` values, in `dtype`.
-
-    For bits <= 8 a value spans at most two bytes of its group of `bits` bytes; the work runs on
-    int16 lanes (a quarter of int64's memory traffic), and bits == 8 is the bytes themselves.
-    """
+    """Inverse of pack_bits: the first `count` values, in `dtype`. For bits < 8 a group of 8
+    values is `bits` bytes, read as one int64 word and split (_group_words, _split_words)."""
     if bits > 8:
         shifts = torch.arange(8, device=packed.device)
         plane = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bits]
@@ -111,17 +109,38 @@ def unpack_bits(
     if bits == 8:
         return packed[:count].to(dtype)
     groups = -(-count // 8)
-    data = torch.cat([packed, packed.new_zeros(groups * bits + 1 - packed.numel())])
-    # Group g's bytes plus the next group's first byte (the pad byte for the last group).
-    window = data.to(torch.int16).as_strided((groups, bits + 1), (bits, 1))
-    values = torch.empty(groups, 8, dtype=torch.int16, device=packed.device)
-    for j in range(8):
-        byte, shift = divmod(j * bits, 8)
-        value = window[:, byte] >> shift
-        if shift + bits > 8:
-            value = value | (window[:, byte + 1] << (8 - shift))
-        values[:, j] = value & ((1 << bits) - 1)
-    return values.view(-1)[:count].to(dtype)
+    data = torch.cat([packed, packed.new_zeros(groups * bits + 8 - packed.numel())])
+    window = data.as_strided((groups, 8), (bits, 1))
+    return _split_words(_group_words(window), bits, dtype).view(-1)[:count]
+
+
+def _group_words(window: torch.Tensor) -> torch.Tensor:
+    """[..., 8] uint8 (a group's bytes and the ones after it) -> [..., 1] int64 little-endian
+    words: one memory pass instead of one shift per value and byte."""
+    if sys.byteorder == "little":
+        # (A copy with standard strides: a strided view may claim contiguity with stride bits.)
+        return window.clone(memory_format=torch.contiguous_format).view(torch.int64)
+    shifts = torch.arange(0, 64, 8, device=window.device)
+    return (window.to(torch.int64) << shifts).sum(dim=-1, keepdim=True)  # wraps like the view
+
+
+def _split_words(words: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """[..., 1] int64 words -> [..., 8] values of `bits` (< 8) bits each, low bits first, in
+    `dtype`. The uint8 cast keeps each shifted word's low byte (a wrap), then the mask."""
+    values = (words >> (torch.arange(8, device=words.device) * bits)).to(torch.uint8)
+    values &= (1 << bits) - 1
+    return values if dtype == torch.uint8 else values.to(dtype)
+
+
+def _select(
+    values: torch.Tensor, columns: Optional[List[int]], rows: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """values[columns][:, rows] of a layer-major [L, T, ...] tensor (None: all), one gather."""
+    if columns is not None and rows is not None:
+        return values[torch.tensor(columns).view(-1, 1), rows.view(1, -1)]
+    if columns is not None:
+        return values[columns]
+    return values if rows is None else values[:, rows]
 
 
 @dataclass
@@ -299,6 +318,31 @@ class RouteBatch:
         if self._missing is not None:
             missing = self.missing.unsqueeze(-1).expand(self.shape)
             out = out.masked_fill(missing, -1)
+        return out
+
+    def decode_layer_major(
+        self,
+        dtype: torch.dtype,
+        columns: Optional[List[int]] = None,
+        rows: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """[L', T', k] ids of layer columns `columns` and rows `rows` (None: all) in `dtype`
+        (-1 for missing tokens: a signed dtype then), one contiguous [T', k] block per column."""
+        T, L, k = self.shape
+        bits = bits_for(self.num_experts)
+        if bits < 8 and k % 8 == 0:
+            # Whole groups of 8 ids per (token, layer): gather the groups' words in layer-major
+            # order and split them, with no token-major copy to transpose.
+            q = k // 8
+            data = torch.cat([self._packed, self._packed.new_zeros(8)])
+            out = data.as_strided((L, T, q, 8), (q * bits, L * q * bits, bits, 1))
+            out = _select(out, columns, rows)
+            out = _split_words(_group_words(out), bits, dtype).view(*out.shape[:2], k)
+        else:
+            out = _select(self.decode_indices(dtype).transpose(0, 1), columns, rows).contiguous()
+            return out  # decode_indices marked the missing tokens
+        if self._missing is not None:
+            out.masked_fill_(_select(self.missing.t(), columns, rows).unsqueeze(-1), -1)
         return out
 
     @property
