@@ -143,6 +143,24 @@ def cached_positions(
     return cached_rows, cached_rows >= 0
 
 
+def recorded_counts(
+    batch: RouteBatch, layout: TokenLayout, layer_ids: List[int], own_layout: bool
+) -> Optional[torch.Tensor]:
+    """[L_local, E] int32 routed slots per expert of the MoE layers `layer_ids` (ascending) from
+    batch.expert_counts, without decoding: when `layout` routes exactly the batch's rows (a
+    shard on its own token_index, or full canonical routes on a layout the session built:
+    `own_layout`) and no token is missing. None otherwise (count the decoded routes)."""
+    counts = getattr(batch, "expert_counts", None)  # (routes pickled before it existed)
+    own_rows = layout.token_index is batch.token_index
+    full = batch.token_index is None and own_layout and layout.is_full()
+    if counts is None or not (own_rows or full) or batch.missing is not None:
+        return None
+    if batch.layer_index is None:
+        return counts[layer_ids]
+    position_of = {layer: col for col, layer in enumerate(batch.layer_index.tolist())}
+    return counts[[position_of[layer] for layer in layer_ids]]
+
+
 def reorder_rows(
     decoded: HostRoutes, old: TokenLayout, new: TokenLayout, batch: RouteBatch
 ) -> HostRoutes:

@@ -16,12 +16,12 @@
 
 import math
 import numbers
-import sys
 from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import torch
 
+from megatron_pr2.bitpack import bits_for, group_words, pack_bits, split_words, unpack_bits
 from megatron_pr2.identity import LayoutIdentity, ShardIdentity
 
 MISSING = -1
@@ -60,11 +60,6 @@ def _check_ids(
     return ids
 
 
-def bits_for(num_experts: int) -> int:
-    """Bits per packed expert id (at least 1)."""
-    return max(1, math.ceil(math.log2(num_experts)))
-
-
 def narrowest_int_dtype(num_experts: int) -> torch.dtype:
     """Narrowest torch integer dtype that holds expert ids 0..num_experts-1."""
     if num_experts <= 256:
@@ -72,64 +67,6 @@ def narrowest_int_dtype(num_experts: int) -> torch.dtype:
     if num_experts <= 2**15:
         return torch.int16
     return torch.int32
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers (< 2**bits) into a flat uint8 tensor, little-endian bit order.
-
-    Value i occupies bits [i * bits, (i + 1) * bits) of the byte stream. For bits <= 8, eight
-    values form one int64 word of exactly `bits` bytes, so packing is a few whole-tensor ops.
-    """
-    flat = values.reshape(-1).to(torch.int64)
-    count = flat.numel()
-    if bits > 8:
-        # Wide ids (more than 256 experts): bit planes, slower but general.
-        shifts = torch.arange(bits, device=flat.device)
-        plane = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
-        plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-        return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-count) % 8)]).view(-1, 8)
-    words = (flat << (torch.arange(8, device=flat.device) * bits)).sum(dim=1)
-    byte_shifts = torch.arange(bits, device=flat.device) * 8
-    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return packed[: -(-count * bits // 8)]
-
-
-def unpack_bits(
-    packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64
-) -> torch.Tensor:
-    """Inverse of pack_bits: the first `count` values, in `dtype`. For bits < 8 a group of 8
-    values is `bits` bytes, read as one int64 word and split (_group_words, _split_words)."""
-    if bits > 8:
-        shifts = torch.arange(8, device=packed.device)
-        plane = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bits]
-        weights = 1 << torch.arange(bits, device=packed.device)
-        return (plane.view(count, bits) * weights).sum(dim=1).to(dtype)
-    if bits == 8:
-        return packed[:count].to(dtype)
-    groups = -(-count // 8)
-    data = torch.cat([packed, packed.new_zeros(groups * bits + 8 - packed.numel())])
-    window = data.as_strided((groups, 8), (bits, 1))
-    return _split_words(_group_words(window), bits, dtype).view(-1)[:count]
-
-
-def _group_words(window: torch.Tensor) -> torch.Tensor:
-    """[..., 8] uint8 (a group's bytes and the ones after it) -> [..., 1] int64 little-endian
-    words: one memory pass instead of one shift per value and byte."""
-    if sys.byteorder == "little":
-        # (A copy with standard strides: a strided view may claim contiguity with stride bits.)
-        return window.clone(memory_format=torch.contiguous_format).view(torch.int64)
-    shifts = torch.arange(0, 64, 8, device=window.device)
-    return (window.to(torch.int64) << shifts).sum(dim=-1, keepdim=True)  # wraps like the view
-
-
-def _split_words(words: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """[..., 1] int64 words -> [..., 8] values of `bits` (< 8) bits each, low bits first, in
-    `dtype`. The uint8 cast keeps each shifted word's low byte (a wrap), then the mask."""
-    values = (words >> (torch.arange(8, device=words.device) * bits)).to(torch.uint8)
-    values &= (1 << bits) - 1
-    return values if dtype == torch.uint8 else values.to(dtype)
 
 
 def _select(
@@ -227,6 +164,16 @@ class RouteBatch:
                 )
             self._missing = pack_bits(missing[..., 0], 1)
         self._packed = pack_bits(indices.clamp(min=0), bits_for(num_experts))
+        # [L, E] int32 routed slots per (layer column, expert), counted here where the ids are
+        # at hand: a replay on exactly these rows takes its dispatch plan's counts from it at
+        # every routing() entry (one per mini-step of the same routes) instead of recounting.
+        self.expert_counts: Optional[torch.Tensor] = None
+        if indices.device.type == "cpu":
+            L, E = self.shape[1], self.num_experts
+            keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
+            keys = keys[~missing] if self._missing is not None else keys.view(-1)
+            counts = torch.bincount(keys, minlength=L * E).view(L, E)
+            self.expert_counts = counts.to(torch.int32)
         self._dropped = None
         if dropped is not None:
             if dropped.dtype != torch.bool:
@@ -337,7 +284,7 @@ class RouteBatch:
             data = torch.cat([self._packed, self._packed.new_zeros(8)])
             out = data.as_strided((L, T, q, 8), (q * bits, L * q * bits, bits, 1))
             out = _select(out, columns, rows)
-            out = _split_words(_group_words(out), bits, dtype).view(*out.shape[:2], k)
+            out = split_words(group_words(out), bits, dtype).view(*out.shape[:2], k)
         else:
             out = _select(self.decode_indices(dtype).transpose(0, 1), columns, rows).contiguous()
             return out  # decode_indices marked the missing tokens
@@ -367,6 +314,11 @@ class RouteBatch:
         if self._dropped is None:
             return None
         return unpack_bits(self._dropped, 1, math.prod(self.shape)).view(self.shape).bool()
+
+    @property
+    def has_dropped(self) -> bool:
+        """True when the route records capacity drops (without unpacking them)."""
+        return self._dropped is not None
 
     @property
     def nbytes(self) -> int:
