@@ -66,6 +66,7 @@ from megatron_pr2.compat import cuda_graph_captures_moe_preprocess
 from megatron_pr2.model_index import pr2_moe_layers
 from megatron_pr2.parallel.collectives import comm_device
 from megatron_pr2.profiling import pr2_range
+from megatron_pr2.residency import recorded_counts
 from megatron_pr2.router import PR2Router
 from megatron_pr2.session import RoutingSession
 
@@ -274,9 +275,21 @@ def _local_counts(
         (len(session.routes), num_layers, num_experts), _UNPLANNED, dtype=torch.int32
     )
     num_tokens = []
-    for m in range(len(session.routes)):
+    layer_ids, any_capacity = session.layer_ids(), bool(capacity.any())
+    for m, batch in enumerate(session.routes):
+        layout = session.entry_layout(m)
+        mine = None  # the batch's own counts where it covers exactly this rank's rows
+        if not (any_capacity and batch.has_dropped):  # (recorded drops: kept slots)
+            mine = recorded_counts(batch, layout, layer_ids, session.layout is None)
+        if mine is not None:
+            tokens = layout.token_index.numel()
+            num_tokens.append(tokens)
+            live = torch.zeros_like(capacity) if batch.has_dropped else capacity.clone()
+            _pad_and_mark(mine, live, pads, tokens)
+            counts[m] = mine
+            continue
         try:
-            local = session.decode(m, session.entry_layout(m), layers[0].router)
+            local = session.decode(m, layout, layers[0].router)
         except ValueError:
             num_tokens.append(-1)  # the first forward's _bind raises on every rank of the stage
             continue
@@ -288,7 +301,7 @@ def _local_counts(
             live |= (indices < 0).flatten(1).any(dim=1)
         if local.dropped is None:  # capacity without recorded drops: live drop decisions
             live |= capacity
-        if bool(capacity.any()) and local.dropped is not None or local.has_missing:
+        if any_capacity and local.dropped is not None or local.has_missing:
             kept = indices >= 0
             if local.dropped is not None:
                 kept &= ~(local.dropped & capacity.view(-1, 1, 1))
@@ -302,12 +315,19 @@ def _local_counts(
                     for j in range(num_layers)
                 ]
             ).to(torch.int32)
-        for j, pad in enumerate(pads):
-            if pad is not None:  # pad_routing_map: up to a multiple, at most every token
-                mine[j] = torch.clamp(mine[j] + (-mine[j]) % pad, max=tokens)
-        mine[live] = _UNPLANNED
+        _pad_and_mark(mine, live, pads, tokens)
         counts[m] = mine
     return counts, num_tokens
+
+
+def _pad_and_mark(
+    mine: torch.Tensor, live: torch.Tensor, pads: List[Optional[int]], tokens: int
+) -> None:
+    """Quantization padding of [L, E] counts (in place), and -1 on the `live` layers."""
+    for j, pad in enumerate(pads):
+        if pad is not None:  # pad_routing_map: up to a multiple, at most every token
+            mine[j] = torch.clamp(mine[j] + (-mine[j]) % pad, max=tokens)
+    mine[live] = _UNPLANNED
 
 
 def _geometry(dispatcher: MoEAlltoAllTokenDispatcher) -> Tuple:

@@ -29,10 +29,10 @@ from megatron_pr2.identity import LayoutIdentity, layout_mismatch, stable_hash
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import cached_tokens, describe_layouts
 from megatron_pr2.records import cache_rows, microbatch_cache_tokens
-from megatron_pr2.residency import HostRoutes
+from megatron_pr2.residency import HostRoutes, cached_positions
 from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import RouteBatch, TokenLayout
-from megatron_pr2.session import RoutingSession, cached_positions
+from megatron_pr2.session import RoutingSession
 
 
 def own_identity(session: RoutingSession) -> LayoutIdentity:
@@ -50,12 +50,22 @@ def own_identity(session: RoutingSession) -> LayoutIdentity:
     return identity.with_stage(*session.stage)
 
 
-def _not_mine(microbatch: int, why: str, cut_for: str, mine: str, layers: List) -> str:
+def _not_mine(microbatch: int, why: str, cut_for: str, mine: object, layers: List) -> str:
     return (
         f"microbatch {microbatch}: the route shard is not this rank's: {why}. It was cut for "
         f"{cut_for}; this rank routes {mine}, MoE layers {layers} (cut shards with shard_routes "
         "/ scatter_routes for this rank's layout)"
     )
+
+
+class _Described:
+    """`own` described in an f-string, formatted only when an error message is built."""
+
+    def __init__(self, own: LayoutIdentity) -> None:
+        self.own = own
+
+    def __str__(self) -> str:
+        return f"{self.own.describe(packing=False)} (from the routers' process groups)"
 
 
 def replay_layout(session: RoutingSession, microbatch: int, own: LayoutIdentity) -> TokenLayout:
@@ -65,8 +75,9 @@ def replay_layout(session: RoutingSession, microbatch: int, own: LayoutIdentity)
     batch = session.routes[microbatch]
     layers = sorted(r.moe_layer_id for r in session.routers)
     shard = batch.identity
-    # This rank's layout, as its routers' process groups give it (they do not know the packing).
-    mine = f"{own.describe(packing=False)} (from the routers' process groups)"
+    # This rank's layout, as its routers' process groups give it (they do not know the packing);
+    # described only for an error (every microbatch passes here).
+    mine = _Described(own)
     if shard is not None:
         absent = sorted(set(layers) - set(shard.layer_ids))
         if absent:

@@ -63,6 +63,14 @@ def microbatch_cache_tokens(
 ) -> int:
     """C: tokens of the whole microbatch of `layout` that the predictor cache keeps (the sum of
     every rank's cache_rows), recorded in a shard's identity for the loss weight C_local / C."""
+    if eligible is None and layout.seq_length:
+        # cache_rows of the whole microbatch, counted: the stride keeps positions 0, stride, ...
+        # of every sequence (the routing() entry asks this of every replayed microbatch).
+        stride = stride_for(layout.seq_length, cache_tokens_per_sequence)
+        if stride is None:
+            return 0
+        sequences, rest = divmod(layout.num_tokens, layout.seq_length)
+        return sequences * -(-layout.seq_length // stride) + -(-rest // stride)
     full = TokenLayout(torch.arange(layout.num_tokens), layout.num_tokens, layout.seq_length)
     return int(cache_rows(full, cache_tokens_per_sequence, eligible).numel())
 

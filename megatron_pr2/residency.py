@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megatron_pr2.config import PR2Config
-from megatron_pr2.routes import RouteBatch, TokenLayout
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
 
 
 def cache_torch_dtype(config: PR2Config) -> torch.dtype:
@@ -77,11 +77,13 @@ def decode_host(
     dtype: torch.dtype,
     pin: bool,
     same_rows: bool = False,
+    rows: Optional[torch.Tensor] = None,
 ) -> HostRoutes:
     """`batch` decoded for the router rows of `layout` and the MoE layers `layer_ids` (ascending:
     the session's columns), indices in `dtype`; pinned for CUDA uploads when `pin`.
     same_rows: the layout's rows are the batch's rows in order (no row gather): unsharded
-    routes of one sequence, or a shard replayed on the layout it was cut for."""
+    routes of one sequence, or a shard replayed on the layout it was cut for.
+    rows: batch.rows_for(layout.token_index) when the caller has it (session.check)."""
     batch_layers = batch.layer_index
     if batch_layers is None:
         position_of = {layer: layer for layer in range(batch.num_layers)}
@@ -91,29 +93,29 @@ def decode_host(
     if absent:
         raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
     source = [position_of[layer] for layer in layer_ids]
+    columns = None if source == list(range(batch.num_layers)) else source
+    if same_rows:
+        rows = None
+    elif rows is None:
+        rows = batch.rows_for(layout.token_index)
 
     def layer_major(values: torch.Tensor) -> torch.Tensor:
         # [T, L_b, k] -> [L_local, T_local, k]: one contiguous block per column.
         values = values.transpose(0, 1)
-        if same_rows:
-            if source == list(range(batch.num_layers)):
-                return values.contiguous()
-            return values[source]
-        rows = batch.rows_for(layout.token_index)
+        if rows is None:
+            return values.contiguous() if columns is None else values[columns]
         return values[torch.tensor(source).view(-1, 1), rows.view(1, -1)]
 
     dropped = batch.dropped
     local = HostRoutes(
-        indices=layer_major(batch.decode_indices(dtype)),
+        indices=batch.decode_layer_major(dtype, columns, rows),
         dropped=None if dropped is None else layer_major(dropped),
         columns={layer: col for col, layer in enumerate(layer_ids)},
     )
     if batch.cache is not None and same_rows and batch.token_index is None:
         local.cache_rows = batch.cache.token_index  # row = canonical token
     elif batch.cache is not None:
-        position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
-        position[layout.token_index] = torch.arange(layout.token_index.numel())
-        cached_rows = position[batch.cache.token_index]
+        cached_rows = cached_positions(batch.cache, layout)[0]
         # Select rows (a copy per column at upload) only if some cached tokens are not here.
         if not layout.is_full() and not bool((cached_rows >= 0).all()):
             local.cache_select = torch.nonzero(cached_rows >= 0).squeeze(1)
@@ -128,6 +130,35 @@ def decode_host(
             if value is not None:
                 setattr(local, name, value.pin_memory())
     return local
+
+
+def cached_positions(
+    cache: PredictorCache, layout: TokenLayout
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
+    those routed here."""
+    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+    position[layout.token_index] = torch.arange(layout.token_index.numel())
+    cached_rows = position[cache.token_index]
+    return cached_rows, cached_rows >= 0
+
+
+def recorded_counts(
+    batch: RouteBatch, layout: TokenLayout, layer_ids: List[int], own_layout: bool
+) -> Optional[torch.Tensor]:
+    """[L_local, E] int32 routed slots per expert of the MoE layers `layer_ids` (ascending) from
+    batch.expert_counts, without decoding: when `layout` routes exactly the batch's rows (a
+    shard on its own token_index, or full canonical routes on a layout the session built:
+    `own_layout`) and no token is missing. None otherwise (count the decoded routes)."""
+    counts = getattr(batch, "expert_counts", None)  # (routes pickled before it existed)
+    own_rows = layout.token_index is batch.token_index
+    full = batch.token_index is None and own_layout and layout.is_full()
+    if counts is None or not (own_rows or full) or batch.missing is not None:
+        return None
+    if batch.layer_index is None:
+        return counts[layer_ids]
+    position_of = {layer: col for col, layer in enumerate(batch.layer_index.tolist())}
+    return counts[[position_of[layer] for layer in layer_ids]]
 
 
 def reorder_rows(

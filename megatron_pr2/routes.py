@@ -17,10 +17,11 @@
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
+from megatron_pr2.bitpack import bits_for, group_words, pack_bits, split_words, unpack_bits
 from megatron_pr2.identity import LayoutIdentity, ShardIdentity
 
 MISSING = -1
@@ -59,11 +60,6 @@ def _check_ids(
     return ids
 
 
-def bits_for(num_experts: int) -> int:
-    """Bits per packed expert id (at least 1)."""
-    return max(1, math.ceil(math.log2(num_experts)))
-
-
 def narrowest_int_dtype(num_experts: int) -> torch.dtype:
     """Narrowest torch integer dtype that holds expert ids 0..num_experts-1."""
     if num_experts <= 256:
@@ -73,55 +69,15 @@ def narrowest_int_dtype(num_experts: int) -> torch.dtype:
     return torch.int32
 
 
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers (< 2**bits) into a flat uint8 tensor, little-endian bit order.
-
-    Value i occupies bits [i * bits, (i + 1) * bits) of the byte stream. For bits <= 8, eight
-    values form one int64 word of exactly `bits` bytes, so packing is a few whole-tensor ops.
-    """
-    flat = values.reshape(-1).to(torch.int64)
-    count = flat.numel()
-    if bits > 8:
-        # Wide ids (more than 256 experts): bit planes, slower but general.
-        shifts = torch.arange(bits, device=flat.device)
-        plane = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
-        plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-        return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-count) % 8)]).view(-1, 8)
-    words = (flat << (torch.arange(8, device=flat.device) * bits)).sum(dim=1)
-    byte_shifts = torch.arange(bits, device=flat.device) * 8
-    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return packed[: -(-count * bits // 8)]
-
-
-def unpack_bits(
-    packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64
+def _select(
+    values: torch.Tensor, columns: Optional[List[int]], rows: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """Inverse of pack_bits: the first `count` values, in `dtype`.
-
-    For bits <= 8 a value spans at most two bytes of its group of `bits` bytes; the work runs on
-    int16 lanes (a quarter of int64's memory traffic), and bits == 8 is the bytes themselves.
-    """
-    if bits > 8:
-        shifts = torch.arange(8, device=packed.device)
-        plane = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bits]
-        weights = 1 << torch.arange(bits, device=packed.device)
-        return (plane.view(count, bits) * weights).sum(dim=1).to(dtype)
-    if bits == 8:
-        return packed[:count].to(dtype)
-    groups = -(-count // 8)
-    data = torch.cat([packed, packed.new_zeros(groups * bits + 1 - packed.numel())])
-    # Group g's bytes plus the next group's first byte (the pad byte for the last group).
-    window = data.to(torch.int16).as_strided((groups, bits + 1), (bits, 1))
-    values = torch.empty(groups, 8, dtype=torch.int16, device=packed.device)
-    for j in range(8):
-        byte, shift = divmod(j * bits, 8)
-        value = window[:, byte] >> shift
-        if shift + bits > 8:
-            value = value | (window[:, byte + 1] << (8 - shift))
-        values[:, j] = value & ((1 << bits) - 1)
-    return values.view(-1)[:count].to(dtype)
+    """values[columns][:, rows] of a layer-major [L, T, ...] tensor (None: all), one gather."""
+    if columns is not None and rows is not None:
+        return values[torch.tensor(columns).view(-1, 1), rows.view(1, -1)]
+    if columns is not None:
+        return values[columns]
+    return values if rows is None else values[:, rows]
 
 
 @dataclass
@@ -208,6 +164,16 @@ class RouteBatch:
                 )
             self._missing = pack_bits(missing[..., 0], 1)
         self._packed = pack_bits(indices.clamp(min=0), bits_for(num_experts))
+        # [L, E] int32 routed slots per (layer column, expert), counted here where the ids are
+        # at hand: a replay on exactly these rows takes its dispatch plan's counts from it at
+        # every routing() entry (one per mini-step of the same routes) instead of recounting.
+        self.expert_counts: Optional[torch.Tensor] = None
+        if indices.device.type == "cpu":
+            L, E = self.shape[1], self.num_experts
+            keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
+            keys = keys[~missing] if self._missing is not None else keys.view(-1)
+            counts = torch.bincount(keys, minlength=L * E).view(L, E)
+            self.expert_counts = counts.to(torch.int32)
         self._dropped = None
         if dropped is not None:
             if dropped.dtype != torch.bool:
@@ -301,6 +267,31 @@ class RouteBatch:
             out = out.masked_fill(missing, -1)
         return out
 
+    def decode_layer_major(
+        self,
+        dtype: torch.dtype,
+        columns: Optional[List[int]] = None,
+        rows: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """[L', T', k] ids of layer columns `columns` and rows `rows` (None: all) in `dtype`
+        (-1 for missing tokens: a signed dtype then), one contiguous [T', k] block per column."""
+        T, L, k = self.shape
+        bits = bits_for(self.num_experts)
+        if bits < 8 and k % 8 == 0:
+            # Whole groups of 8 ids per (token, layer): gather the groups' words in layer-major
+            # order and split them, with no token-major copy to transpose.
+            q = k // 8
+            data = torch.cat([self._packed, self._packed.new_zeros(8)])
+            out = data.as_strided((L, T, q, 8), (q * bits, L * q * bits, bits, 1))
+            out = _select(out, columns, rows)
+            out = split_words(group_words(out), bits, dtype).view(*out.shape[:2], k)
+        else:
+            out = _select(self.decode_indices(dtype).transpose(0, 1), columns, rows).contiguous()
+            return out  # decode_indices marked the missing tokens
+        if self._missing is not None:
+            out.masked_fill_(_select(self.missing.t(), columns, rows).unsqueeze(-1), -1)
+        return out
+
     @property
     def compact_indices(self) -> torch.Tensor:
         """[T, L, k] expert ids in the narrowest integer dtype (no missing tokens allowed)."""
@@ -323,6 +314,11 @@ class RouteBatch:
         if self._dropped is None:
             return None
         return unpack_bits(self._dropped, 1, math.prod(self.shape)).view(self.shape).bool()
+
+    @property
+    def has_dropped(self) -> bool:
+        """True when the route records capacity drops (without unpacking them)."""
+        return self._dropped is not None
 
     @property
     def nbytes(self) -> int:

@@ -38,7 +38,7 @@ from megatron_pr2.residency import (
 )
 from megatron_pr2.route_answer import Recorded, RouteAnswer
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
+from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -96,6 +96,7 @@ class RoutingSession:
         self._record_rows: Dict[int, torch.Tensor] = {}
         # Replay: every microbatch decoded once (host, with its layout); bound by _bind.
         self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
+        self._checked: Dict[int, Tuple[TokenLayout, Optional[torch.Tensor]]] = {}  # check's rows
         self._local: Dict[int, HostRoutes] = {}
         self._cuda_records = False
         self.residency: Optional[Residency] = None
@@ -196,9 +197,12 @@ class RoutingSession:
             self._layouts[microbatch] = layout
         return layout
 
-    def check(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> None:
+    def check(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router
+    ) -> Optional[torch.Tensor]:
         """Validate one microbatch's routes for this rank's router rows `layout` without decoding
-        the ids (the entry check runs it on every rank before the agreement)."""
+        the ids (the entry check runs it on every rank before the agreement). Returns (and keeps
+        for the decode) the batch's rows of the layout's tokens, None for its own rows."""
         batch = self.routes[microbatch]
         if batch.topk != router.topk or batch.num_experts != router.config.num_moe_experts:
             raise ValueError(
@@ -212,34 +216,36 @@ class RoutingSession:
                 f"has {layout.num_tokens}"
             )
         try:
-            batch.rows_for(layout.token_index)
+            rows = None if _own_rows(batch, layout) else batch.rows_for(layout.token_index)
         except ValueError as exc:
             why = f"microbatch {microbatch}: {exc}{describe_layouts(batch, layout)}"
             raise ValueError(why) from exc
-        layer_ids = batch.layer_index
-        if layer_ids is None:
-            layer_ids = torch.arange(batch.num_layers)
-        expected = {r.moe_layer_id for r in self.routers}
-        absent = sorted(expected - set(layer_ids.tolist()))
+        index = batch.layer_index
+        present = range(batch.num_layers) if index is None else index.tolist()
+        absent = sorted({r.moe_layer_id for r in self.routers}.difference(present))
         if absent:
             raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
         _check_missing(batch, microbatch, router.pr2_config)
+        self._checked[microbatch] = (layout, rows)
+        return rows
 
     def decode(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
     ) -> HostRoutes:
         """Decode and validate one microbatch's routes for this rank's router rows, once per
-        context (entry, dispatch plan and first forward share it; the cache is never copied
-        here, so with_cache=False, for callers that only count or validate, costs the same)."""
+        context (entry, dispatch plan and first forward share it; with_cache: the same cost)."""
         batch = self.routes[microbatch]
         held = self._decoded.get(microbatch)
         if held is None or held[0] is not layout:
-            self.check(microbatch, layout, router)
+            checked, rows = self._checked.pop(microbatch, (None, None))
+            if checked is not layout:  # (else the entry's check of this layout found `rows`)
+                rows = self.check(microbatch, layout, router)
+                del self._checked[microbatch]
             if held is not None and layout.is_full() and held[0].is_full():
                 # Same tokens, another row order (B > 1 full routes: canonical at entry).
                 local = reorder_rows(held[1], held[0], layout, batch)
             else:
-                local = self._decode(microbatch, layout, router)
+                local = self._decode(microbatch, layout, router, rows)
             held = self._decoded[microbatch] = (layout, local)
         return held[1]
 
@@ -249,16 +255,17 @@ class RoutingSession:
         for microbatch in range(len(self.routes)):
             self.decode(microbatch, self.entry_layout(microbatch), self.routers[0])
 
-    def _decode(self, microbatch: int, layout: TokenLayout, router: PR2Router) -> HostRoutes:
+    def _decode(
+        self, microbatch: int, layout: TokenLayout, router: PR2Router, rows: Optional[torch.Tensor]
+    ) -> HostRoutes:
         batch = self.routes[microbatch]
         has_missing = _check_missing(batch, microbatch, router.pr2_config)
         dtype = torch.int16 if has_missing else narrowest_int_dtype(batch.num_experts)
         # Rows in the batch's own order (one unsharded sequence, a shard on its own layout).
         own = self._full_layouts.get((batch.num_tokens, 1)) if batch.token_index is None else None
         same_rows = layout is own or layout.token_index is batch.token_index
-        local = decode_host(
-            batch, layout, self._layer_ids, microbatch, dtype, router.weight.is_cuda, same_rows
-        )
+        pin = router.weight.is_cuda
+        local = decode_host(batch, layout, self._layer_ids, microbatch, dtype, pin, same_rows, rows)
         local.has_missing = has_missing
         return local
 
@@ -370,6 +377,7 @@ class RoutingSession:
         if self.residency is not None:
             self.residency.release_all()
         self._decoded.clear()
+        self._checked.clear()
         self._local.clear()
         self._cache_rows.clear()
 
@@ -416,6 +424,16 @@ class RoutingSession:
         return out
 
 
+def _own_rows(batch: RouteBatch, layout: TokenLayout) -> bool:
+    """True when `layout` is a shard's own token_index, still int64 ids in range (as built; a
+    tensor changed since then goes through rows_for, which raises): its rows, in order."""
+    index = batch.token_index
+    if index is None or layout.token_index is not index or index.dtype != torch.int64:
+        return False
+    low, high = torch.aminmax(index) if index.numel() else (0, 0)
+    return 0 <= int(low) and int(high) < batch.num_tokens
+
+
 def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
     """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
     missing = batch.missing
@@ -428,14 +446,3 @@ def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> boo
             f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
         )
     return True
-
-
-def cached_positions(
-    cache: PredictorCache, layout: TokenLayout
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
-    those routed here."""
-    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
-    position[layout.token_index] = torch.arange(layout.token_index.numel())
-    cached_rows = position[cache.token_index]
-    return cached_rows, cached_rows >= 0

@@ -298,3 +298,32 @@ def test_uint8_routes_of_256_experts_keep_expert_255():
     assert batch.missing is None
     assert torch.equal(batch.indices, indices.long())
     assert torch.equal(batch.decode_indices(torch.uint8), indices)
+
+
+@pytest.mark.parametrize("E", [4, 16, 128, 256, 1000])
+@pytest.mark.parametrize("k", [2, 8, 16])
+@pytest.mark.parametrize("missing", [False, True])
+def test_layer_major_decode_and_expert_counts(E, k, missing):
+    """decode_layer_major (the replay entry's decode: whole int64 groups gathered layer-major
+    when 8 | k) equals the token-major decode transposed, for every column / row selection;
+    expert_counts are the routed slots per (layer column, expert), missing tokens excluded."""
+    if k > E:
+        pytest.skip("top-k above the expert count")
+    gen = torch.Generator().manual_seed(E * 100 + k)
+    T, L = 37, 3
+    indices = random_routes(T, L, k, E, gen)
+    if missing:
+        indices[::3, 1] = -1
+    batch = RouteBatch(indices, E)
+    dtype = torch.int16 if missing else narrowest_int_dtype(E)
+    full = batch.decode_indices(dtype).transpose(0, 1)
+    rows = torch.tensor([T - 1, 0, 5])
+    for columns, select in ((None, None), ([2, 0], None), (None, rows), ([1], rows)):
+        expected = full if columns is None else full[columns]
+        expected = expected if select is None else expected[:, select]
+        out = batch.decode_layer_major(dtype, columns, select)
+        assert out.dtype == dtype and out.is_contiguous() and torch.equal(out, expected)
+    for layer in range(L):
+        ids = indices[:, layer].reshape(-1)
+        counts = torch.bincount(ids[ids >= 0], minlength=E).to(torch.int32)
+        assert torch.equal(batch.expert_counts[layer], counts)
