@@ -285,6 +285,10 @@ class RouteBatch:
             out = data.as_strided((L, T, q, 8), (q * bits, L * q * bits, bits, 1))
             out = _select(out, columns, rows)
             out = split_words(group_words(out), bits, dtype).view(*out.shape[:2], k)
+        elif bits == 8 and k % 8 == 0 and self._packed.storage_offset() % 8 == 0:
+            # The bytes are the ids: move each (token, layer)'s k bytes as k / 8 int64 words.
+            words = self._packed.view(torch.int64).view(T, L, k // 8).transpose(0, 1)
+            out = _select(words, columns, rows).contiguous().view(torch.uint8).to(dtype)
         else:
             out = _select(self.decode_indices(dtype).transpose(0, 1), columns, rows).contiguous()
             return out  # decode_indices marked the missing tokens
