@@ -152,4 +152,5 @@ def assemble_record(
         seq_length=layout.seq_length,
         cache=cache,
         identity=identity,
+        trusted=True,  # the routers' own top-k and layout: nothing to validate per value
     )

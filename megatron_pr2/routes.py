@@ -14,12 +14,15 @@
 # Expert ids are packed with ceil(log2(E)) bits each: k * ceil(log2 E) / 8 bytes per token per
 # layer, e.g. 7 bytes for top-8 of 128 experts instead of 32 for int32.
 
+import functools
 import math
 import numbers
+import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from megatron_pr2.identity import LayoutIdentity, ShardIdentity
 
@@ -88,8 +91,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
         weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
         return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-count) % 8)]).view(-1, 8)
-    words = (flat << (torch.arange(8, device=flat.device) * bits)).sum(dim=1)
+    flat = F.pad(flat, (0, (-count) % 8)).view(-1, 8)
+    words = (flat << _word_shifts(bits, flat.device)).sum(dim=1)
+    if _LITTLE_ENDIAN:  # the word's low `bits` bytes, as they lie in memory
+        return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)[: -(-count * bits // 8)]
     byte_shifts = torch.arange(bits, device=flat.device) * 8
     packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return packed[: -(-count * bits // 8)]
@@ -110,6 +115,8 @@ def unpack_bits(
         return (plane.view(count, bits) * weights).sum(dim=1).to(dtype)
     if bits == 8:
         return packed[:count].to(dtype)
+    if _LITTLE_ENDIAN and (packed.is_cuda or count <= _WORD_UNPACK_MAX):
+        return _unpack_words(packed, bits, count).to(dtype)
     groups = -(-count // 8)
     data = torch.cat([packed, packed.new_zeros(groups * bits + 1 - packed.numel())])
     # Group g's bytes plus the next group's first byte (the pad byte for the last group).
@@ -122,6 +129,32 @@ def unpack_bits(
             value = value | (window[:, byte + 1] << (8 - shift))
         values[:, j] = value & ((1 << bits) - 1)
     return values.view(-1)[:count].to(dtype)
+
+
+# Eight values of one group are `bits` bytes = the low bytes of one little-endian int64 word.
+_LITTLE_ENDIAN = sys.byteorder == "little"
+# Above this many values the int16-lane loop of unpack_bits is faster on a CPU (int64 traffic dominates);
+# small routes (one microbatch of a few layers) are launch / op bound: a handful of whole-tensor
+# ops win there, and always on a GPU.
+_WORD_UNPACK_MAX = 1 << 17
+
+
+@functools.lru_cache(maxsize=None)
+def _word_shifts(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 8 * bits, bits, device=device)
+
+
+def _unpack_words(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """unpack_bits for bits < 8 as uint8: each group's bytes zero-extended to one int64 word,
+    value j = (word >> j * bits) & mask (a few whole-tensor ops, no per-slot loop)."""
+    groups = -(-count // 8)
+    need = groups * bits
+    if packed.numel() < need:  # pack_bits stores ceil(count * bits / 8) bytes: a short last group
+        packed = F.pad(packed, (0, need - packed.numel()))
+    words = F.pad(packed[:need].view(groups, bits), (0, 8 - bits))
+    shifts = _word_shifts(bits, packed.device)
+    values = (words.view(torch.int64) >> shifts).to(torch.uint8) & ((1 << bits) - 1)
+    return values.view(-1)[:count]
 
 
 @dataclass
@@ -164,12 +197,15 @@ class RouteBatch:
         seq_length: Optional[int] = None,
         cache: Optional[PredictorCache] = None,
         identity: Optional[ShardIdentity] = None,
+        trusted: bool = False,
     ) -> None:
         """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts)).
 
         Every argument is checked strictly, because a wrong type would not fail later: it would
         pack silently into other bits (a float num_experts changes the id width, a `dropped`
         value of 2 sets a neighbouring slot's bit, a duplicate token id lets the last row win).
+        trusted=True (a record pass packing its own top-k: distinct ids in range, no missing
+        token, distinct token ids from its layout) skips the checks that read every value.
         """
         if indices.dim() != 3:
             raise ValueError(
@@ -181,33 +217,11 @@ class RouteBatch:
             raise ValueError(f"RouteBatch num_experts={num_experts!r} must be an integer >= 1")
         self.shape = tuple(indices.shape)
         self.num_experts = int(num_experts)
-        if indices.numel() and (int(indices.max()) >= num_experts):
-            raise ValueError(
-                f"RouteBatch expert id {int(indices.max())} out of range for num_experts={num_experts}"
-            )
-        if indices.numel() and int(indices.min()) < MISSING:
-            raise ValueError(
-                f"RouteBatch expert id {int(indices.min())} is negative; only {MISSING} (in "
-                f"every slot of a token) marks a missing route"
-            )
-        # An unsigned dtype cannot hold the marker (uint8 255 == -1 compares true).
-        missing = (indices == MISSING) if indices.is_signed() else torch.zeros_like(indices).bool()
-        ordered = indices.sort(dim=-1).values
-        duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
-        if bool(duplicate.any()):
-            row, column = (int(v) for v in torch.nonzero(duplicate)[0])
-            raise ValueError(
-                f"RouteBatch row {row}, layer column {column} names a duplicate expert "
-                f"{indices[row, column].tolist()} (it would break the dispatch splits)"
-            )
         self._missing = None
-        if bool(missing.any()):
-            if not bool((missing.all(dim=-1) | ~missing.any(dim=-1)).all()):
-                raise ValueError(
-                    "RouteBatch: a token is either fully missing (-1 in every slot) or not"
-                )
-            self._missing = pack_bits(missing[..., 0], 1)
-        self._packed = pack_bits(indices.clamp(min=0), bits_for(num_experts))
+        if trusted:
+            self._packed = pack_bits(indices, bits_for(num_experts))
+        else:
+            self._validate_and_pack(indices)
         self._dropped = None
         if dropped is not None:
             if dropped.dtype != torch.bool:
@@ -228,8 +242,13 @@ class RouteBatch:
                 f"RouteBatch num_tokens={self.num_tokens} with {self.shape[0]} rows needs a "
                 f"token_index (canonical routes hold every token)"
             )
-        self.token_index = _check_ids("token_index", token_index, self.shape[0], self.num_tokens)
-        self.layer_index = _check_ids("layer_index", layer_index, self.shape[1], None)
+        if trusted:
+            self.token_index = None if token_index is None else token_index.to(torch.int64)
+            self.layer_index = None if layer_index is None else layer_index.to(torch.int64)
+        else:
+            bound = self.num_tokens
+            self.token_index = _check_ids("token_index", token_index, self.shape[0], bound)
+            self.layer_index = _check_ids("layer_index", layer_index, self.shape[1], None)
         if seq_length is not None and (
             not _is_int(seq_length) or seq_length < 1 or self.num_tokens % seq_length
         ):
@@ -249,6 +268,38 @@ class RouteBatch:
                     f"columns hold MoE layers {list(columns)}"
                 )
         self.identity = identity
+
+    def _validate_and_pack(self, indices: torch.Tensor) -> None:
+        """Check every expert id (range, duplicates per slot set, whole-token missing marks)
+        and pack them (and the missing mask)."""
+        num_experts = self.num_experts
+        if indices.numel() and (int(indices.max()) >= num_experts):
+            raise ValueError(
+                f"RouteBatch expert id {int(indices.max())} out of range for num_experts={num_experts}"
+            )
+        if indices.numel() and int(indices.min()) < MISSING:
+            raise ValueError(
+                f"RouteBatch expert id {int(indices.min())} is negative; only {MISSING} (in "
+                f"every slot of a token) marks a missing route"
+            )
+        # An unsigned dtype cannot hold the marker (uint8 255 == -1 compares true).
+        missing = (indices == MISSING) if indices.is_signed() else torch.zeros_like(indices).bool()
+        ordered = indices.sort(dim=-1).values
+        duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
+        if bool(duplicate.any()):
+            row, column = (int(v) for v in torch.nonzero(duplicate)[0])
+            raise ValueError(
+                f"RouteBatch row {row}, layer column {column} names a duplicate expert "
+                f"{indices[row, column].tolist()} (it would break the dispatch splits)"
+            )
+        if bool(missing.any()):
+            if not bool((missing.all(dim=-1) | ~missing.any(dim=-1)).all()):
+                raise ValueError(
+                    "RouteBatch: a token is either fully missing (-1 in every slot) or not"
+                )
+            self._missing = pack_bits(missing[..., 0], 1)
+            indices = indices.clamp(min=0)
+        self._packed = pack_bits(indices, bits_for(num_experts))
 
     def check_tokens(self, seq_length: int, batch_size: int) -> None:
         """Raise ValueError unless these routes were recorded for an input of `batch_size`

@@ -94,8 +94,13 @@ class RoutingSession:
         # has recorded it, on the host for the handle.
         self._cache_rows: Dict[int, torch.Tensor] = {}
         self._record_rows: Dict[int, torch.Tensor] = {}
+        # Without a cache_mask the cached rows depend on the layout only: computed once per
+        # layout object (host rows, device rows, C) for all microbatches of that shape.
+        self._rows_of_layout: Dict[int, Tuple[torch.Tensor, torch.Tensor, Optional[int]]] = {}
+        self._saved: Dict[int, int] = {}  # microbatch -> routers that recorded it
         # Replay: every microbatch decoded once (host, with its layout); bound by _bind.
         self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
+        self._checked: Dict[int, TokenLayout] = {}  # the layout each microbatch passed check on
         self._local: Dict[int, HostRoutes] = {}
         self._cuda_records = False
         self.residency: Optional[Residency] = None
@@ -224,6 +229,7 @@ class RoutingSession:
         if absent:
             raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
         _check_missing(batch, microbatch, router.pr2_config)
+        self._checked[microbatch] = layout
 
     def decode(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, with_cache: bool = True
@@ -234,7 +240,8 @@ class RoutingSession:
         batch = self.routes[microbatch]
         held = self._decoded.get(microbatch)
         if held is None or held[0] is not layout:
-            self.check(microbatch, layout, router)
+            if self._checked.get(microbatch) is not layout:  # the entry check ran it already
+                self.check(microbatch, layout, router)
             if held is not None and layout.is_full() and held[0].is_full():
                 # Same tokens, another row order (B > 1 full routes: canonical at entry).
                 local = reorder_rows(held[1], held[0], layout, batch)
@@ -340,8 +347,10 @@ class RoutingSession:
         state = self.states[id(router)]
         self._cuda_records |= record.top_indices.is_cuda
         state.recorded.append(host_record(router, record))
-        if all(len(self.states[id(r)].recorded) >= len(state.recorded) for r in self.routers):
-            self._cache_rows.pop(len(state.recorded) - 1, None)  # every router has recorded it
+        microbatch = len(state.recorded) - 1
+        saved = self._saved[microbatch] = self._saved.get(microbatch, 0) + 1
+        if saved == len(self.routers):
+            self._cache_rows.pop(microbatch, None)  # every router has recorded it
 
     def _record_cache_rows(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, hidden: torch.Tensor
@@ -350,15 +359,24 @@ class RoutingSession:
         # for all layers (a CPU index would be copied per layer). One cache density per model:
         # recorded_routes uses the first router's too.
         rows = self._cache_rows.get(microbatch)
-        if rows is None:
+        if rows is not None:
+            return rows
+        held = self._rows_of_layout.get(id(layout)) if self.cache_mask is None else None
+        if held is None or held[1].device != hidden.device:
             config = router.pr2_config
-            rows = record_cache_rows(layout, config, self.cache_mask, microbatch)
-            self._record_rows[microbatch] = rows  # host, for the handle's RouteBatch
+            host = record_cache_rows(layout, config, self.cache_mask, microbatch)
+            total = None
             if not layout.is_full():  # a shard records C of the whole microbatch (identity)
                 eligible = None if self.cache_mask is None else self.cache_mask[microbatch]
                 total = microbatch_cache_tokens(layout, config.cache_tokens_per_sequence, eligible)
-                self._cached_tokens[microbatch] = total
-            rows = self._cache_rows[microbatch] = rows.to(hidden.device)
+            held = (host, host.to(hidden.device), total)
+            if self.cache_mask is None:
+                self._rows_of_layout[id(layout)] = held  # the session holds `layout` alive
+        host, rows, total = held
+        self._record_rows[microbatch] = host  # host, for the handle's RouteBatch
+        if total is not None:
+            self._cached_tokens[microbatch] = total
+        self._cache_rows[microbatch] = rows
         return rows
 
     # -- results -------------------------------------------------------------------------------
