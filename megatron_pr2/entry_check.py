@@ -28,11 +28,11 @@ from megatron_pr2.agreement import EntryFacts, group_key
 from megatron_pr2.identity import LayoutIdentity, layout_mismatch, stable_hash
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import cached_tokens, describe_layouts
-from megatron_pr2.records import cache_rows, microbatch_cache_tokens
+from megatron_pr2.records import cache_rows, cached_positions, microbatch_cache_tokens
 from megatron_pr2.residency import HostRoutes
 from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import RouteBatch, TokenLayout
-from megatron_pr2.session import RoutingSession, cached_positions
+from megatron_pr2.session import RoutingSession
 
 
 def own_identity(session: RoutingSession) -> LayoutIdentity:
@@ -120,6 +120,8 @@ def cache_share(session: RoutingSession, microbatch: int, layout: TokenLayout) -
     batch = session.routes[microbatch]
     if batch.cache is None:
         return 1.0
+    if batch.token_index is None and layout.is_full():
+        return 1.0  # canonical routes on a rank that routes every token: it holds all C
     local = int(cached_positions(batch.cache, layout)[1].sum())
     total = cached_tokens(batch)
     if total is None:

@@ -10,7 +10,7 @@
 # On CUDA the copies are non_blocking into pinned memory: no host sync per microbatch or layer,
 # one stream sync when the handle packs the routes (RoutingSession.recorded_routes).
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -109,6 +109,13 @@ def host_record(router: PR2Router, record: Recorded) -> Recorded:
     )
 
 
+def _stack_layers(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """[N, ...] tensors -> [N, L, ...]; one layer needs no copy (a stage with one MoE layer)."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(1)
+    return torch.stack(tensors, dim=1)
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
@@ -123,16 +130,16 @@ def assemble_record(
     layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
     config = routers[0].config
     all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
-    indices = torch.stack([rec.top_indices for rec in records], dim=1)
+    indices = _stack_layers([rec.top_indices for rec in records])
     dropped = None
     if records[0].dropped is not None:
-        dropped = torch.stack([rec.dropped for rec in records], dim=1)
+        dropped = _stack_layers([rec.dropped for rec in records])
     cache = None
     if records[0].hidden is not None:
         cache = PredictorCache(
             token_index=layout.token_index[cached_rows],
-            hidden=torch.stack([rec.hidden for rec in records], dim=1),
-            logits=torch.stack([rec.logits for rec in records], dim=1),
+            hidden=_stack_layers([rec.hidden for rec in records]),
+            logits=_stack_layers([rec.logits for rec in records]),
         )
     token_index = layout.token_index
     identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
@@ -154,3 +161,14 @@ def assemble_record(
         identity=identity,
         trusted=True,  # the routers' own top-k and layout: nothing to validate per value
     )
+
+
+def cached_positions(
+    cache: PredictorCache, layout: TokenLayout
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
+    those routed here."""
+    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+    position[layout.token_index] = torch.arange(layout.token_index.numel())
+    cached_rows = position[cache.token_index]
+    return cached_rows, cached_rows >= 0

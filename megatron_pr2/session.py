@@ -38,7 +38,7 @@ from megatron_pr2.residency import (
 )
 from megatron_pr2.route_answer import Recorded, RouteAnswer
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
+from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -94,8 +94,7 @@ class RoutingSession:
         # has recorded it, on the host for the handle.
         self._cache_rows: Dict[int, torch.Tensor] = {}
         self._record_rows: Dict[int, torch.Tensor] = {}
-        # Without a cache_mask the cached rows depend on the layout only: computed once per
-        # layout object (host rows, device rows, C) for all microbatches of that shape.
+        # No cache_mask: cached rows depend on the layout only (held here: its id stays unique).
         self._rows_of_layout: Dict[int, Tuple[torch.Tensor, torch.Tensor, Optional[int]]] = {}
         self._saved: Dict[int, int] = {}  # microbatch -> routers that recorded it
         # Replay: every microbatch decoded once (host, with its layout); bound by _bind.
@@ -216,8 +215,11 @@ class RoutingSession:
                 f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
                 f"has {layout.num_tokens}"
             )
+        seq = layout.seq_length
+        own = self._full_layouts.get((seq, layout.num_tokens // seq)) if seq else None
         try:
-            batch.rows_for(layout.token_index)
+            if batch.token_index is not None or layout is not own:  # own: 0..T-1 permuted
+                batch.rows_for(layout.token_index)
         except ValueError as exc:
             why = f"microbatch {microbatch}: {exc}{describe_layouts(batch, layout)}"
             raise ValueError(why) from exc
@@ -371,7 +373,7 @@ class RoutingSession:
                 total = microbatch_cache_tokens(layout, config.cache_tokens_per_sequence, eligible)
             held = (host, host.to(hidden.device), total)
             if self.cache_mask is None:
-                self._rows_of_layout[id(layout)] = held  # the session holds `layout` alive
+                self._rows_of_layout[id(layout)] = held
         host, rows, total = held
         self._record_rows[microbatch] = host  # host, for the handle's RouteBatch
         if total is not None:
@@ -446,14 +448,3 @@ def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> boo
             f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
         )
     return True
-
-
-def cached_positions(
-    cache: PredictorCache, layout: TokenLayout
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Router row of each cached token in `layout` (-1 if not routed here) and the mask of
-    those routed here."""
-    position = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
-    position[layout.token_index] = torch.arange(layout.token_index.numel())
-    cached_rows = position[cache.token_index]
-    return cached_rows, cached_rows >= 0
