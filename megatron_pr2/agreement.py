@@ -120,6 +120,8 @@ def verdict(table: torch.Tensor) -> Optional[Tuple[int, str]]:
     """What is wrong in the gathered [N, len(FIELDS)] table: (rank whose own message completes
     the error, or -1; message), or None when every rank can replay. Pure, so every rank
     reaches the same verdict from the same table."""
+    if table.shape[0] == 1 and int(table[0, _COL["failed"]]) == 0:
+        return None  # one rank (a single-process run): nothing to disagree with
     table = table[torch.argsort(table[:, 0])]
     failed = table[table[:, _COL["failed"]] != 0]
     if failed.shape[0]:

@@ -131,6 +131,8 @@ def cache_share(session: RoutingSession, microbatch: int, layout: TokenLayout) -
     batch = session.routes[microbatch]
     if batch.cache is None:
         return 1.0
+    if batch.token_index is None and layout.is_full():
+        return 1.0  # canonical routes on a rank that routes every token: it holds all C
     local = int(cached_positions(batch.cache, layout)[1].sum())
     total = cached_tokens(batch)
     if total is None:

@@ -117,6 +117,13 @@ def host_record(router: PR2Router, record: Recorded) -> Recorded:
     )
 
 
+def _stack_layers(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """[N, ...] tensors -> [N, L, ...]; one layer needs no copy (a stage with one MoE layer)."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(1)
+    return torch.stack(tensors, dim=1)
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
@@ -131,16 +138,16 @@ def assemble_record(
     layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
     config = routers[0].config
     all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
-    indices = torch.stack([rec.top_indices for rec in records], dim=1)
+    indices = _stack_layers([rec.top_indices for rec in records])
     dropped = None
     if records[0].dropped is not None:
-        dropped = torch.stack([rec.dropped for rec in records], dim=1)
+        dropped = _stack_layers([rec.dropped for rec in records])
     cache = None
     if records[0].hidden is not None:
         cache = PredictorCache(
             token_index=layout.token_index[cached_rows],
-            hidden=torch.stack([rec.hidden for rec in records], dim=1),
-            logits=torch.stack([rec.logits for rec in records], dim=1),
+            hidden=_stack_layers([rec.hidden for rec in records]),
+            logits=_stack_layers([rec.logits for rec in records]),
         )
     token_index = layout.token_index
     identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
@@ -160,4 +167,5 @@ def assemble_record(
         seq_length=layout.seq_length,
         cache=cache,
         identity=identity,
+        trusted=True,  # the routers' own top-k and layout: nothing to validate per value
     )

@@ -347,3 +347,27 @@ class Residency:
             entry.ready = torch.cuda.Event()
             entry.ready.record(self._stream)
         return entry
+
+
+def own_rows(batch: RouteBatch, layout: TokenLayout) -> bool:
+    """True when `layout` is a shard's own token_index, still int64 ids in range (as built; a
+    tensor changed since then goes through rows_for, which raises): its rows, in order."""
+    index = batch.token_index
+    if index is None or layout.token_index is not index or index.dtype != torch.int64:
+        return False
+    low, high = torch.aminmax(index) if index.numel() else (0, 0)
+    return 0 <= int(low) and int(high) < batch.num_tokens
+
+
+def check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
+    """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
+    missing = batch.missing
+    if missing is None:
+        return False
+    if config.missing_route_policy == "error":
+        row, column = (int(v) for v in torch.nonzero(missing)[0])
+        raise ValueError(
+            f"microbatch {microbatch}: {int(missing.sum())} (token, layer) pairs have no route, "
+            f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
+        )
+    return True

@@ -185,11 +185,13 @@ class PR2Router(TopKRouter):
         rows = answer.cache_rows
         if rows is not None:
             cached_hidden = input.detach().reshape(-1, input.shape[-1])[rows]
-            # A rank may hold none of the cached rows.
-            p_old = cached_hidden.new_zeros(0, self.config.num_moe_experts)
             if rows.numel():
+                # p_old: the gating GEMM over the C cached rows only (C / T of the routing GEMM),
+                # which the fused W_g + W_p GEMM of predicted_gating cannot give.
                 with torch.no_grad():
                     p_old = self.gating(cached_hidden)
+            else:  # a rank may hold none of the cached rows
+                p_old = cached_hidden.new_zeros(0, self.config.num_moe_experts)
             record.hidden, record.logits = cached_hidden, p_old
         return record
 

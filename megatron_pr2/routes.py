@@ -120,12 +120,15 @@ class RouteBatch:
         seq_length: Optional[int] = None,
         cache: Optional[PredictorCache] = None,
         identity: Optional[ShardIdentity] = None,
+        trusted: bool = False,
     ) -> None:
         """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts)).
 
         Every argument is checked strictly, because a wrong type would not fail later: it would
         pack silently into other bits (a float num_experts changes the id width, a `dropped`
         value of 2 sets a neighbouring slot's bit, a duplicate token id lets the last row win).
+        trusted=True (a record pass packing its own top-k: distinct ids in range, no missing
+        token, distinct token ids from its layout) skips the checks that read every value.
         """
         if indices.dim() != 3:
             raise ValueError(
@@ -137,33 +140,11 @@ class RouteBatch:
             raise ValueError(f"RouteBatch num_experts={num_experts!r} must be an integer >= 1")
         self.shape = tuple(indices.shape)
         self.num_experts = int(num_experts)
-        if indices.numel() and (int(indices.max()) >= num_experts):
-            raise ValueError(
-                f"RouteBatch expert id {int(indices.max())} out of range for num_experts={num_experts}"
-            )
-        if indices.numel() and int(indices.min()) < MISSING:
-            raise ValueError(
-                f"RouteBatch expert id {int(indices.min())} is negative; only {MISSING} (in "
-                f"every slot of a token) marks a missing route"
-            )
-        # An unsigned dtype cannot hold the marker (uint8 255 == -1 compares true).
-        missing = (indices == MISSING) if indices.is_signed() else torch.zeros_like(indices).bool()
-        ordered = indices.sort(dim=-1).values
-        duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
-        if bool(duplicate.any()):
-            row, column = (int(v) for v in torch.nonzero(duplicate)[0])
-            raise ValueError(
-                f"RouteBatch row {row}, layer column {column} names a duplicate expert "
-                f"{indices[row, column].tolist()} (it would break the dispatch splits)"
-            )
         self._missing = None
-        if bool(missing.any()):
-            if not bool((missing.all(dim=-1) | ~missing.any(dim=-1)).all()):
-                raise ValueError(
-                    "RouteBatch: a token is either fully missing (-1 in every slot) or not"
-                )
-            self._missing = pack_bits(missing[..., 0], 1)
-        self._packed = pack_bits(indices.clamp(min=0), bits_for(num_experts))
+        if trusted:
+            self._packed = pack_bits(indices, bits_for(num_experts))
+        else:
+            self._validate_and_pack(indices)
         # [L, E] int32 routed slots per (layer column, expert), counted here where the ids are
         # at hand: a replay on exactly these rows takes its dispatch plan's counts from it at
         # every routing() entry (one per mini-step of the same routes) instead of recounting.
@@ -171,7 +152,7 @@ class RouteBatch:
         if indices.device.type == "cpu":
             L, E = self.shape[1], self.num_experts
             keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
-            keys = keys[~missing] if self._missing is not None else keys.view(-1)
+            keys = keys[indices >= 0] if self._missing is not None else keys.view(-1)
             counts = torch.bincount(keys, minlength=L * E).view(L, E)
             self.expert_counts = counts.to(torch.int32)
         self._dropped = None
@@ -194,8 +175,13 @@ class RouteBatch:
                 f"RouteBatch num_tokens={self.num_tokens} with {self.shape[0]} rows needs a "
                 f"token_index (canonical routes hold every token)"
             )
-        self.token_index = _check_ids("token_index", token_index, self.shape[0], self.num_tokens)
-        self.layer_index = _check_ids("layer_index", layer_index, self.shape[1], None)
+        if trusted:
+            self.token_index = None if token_index is None else token_index.to(torch.int64)
+            self.layer_index = None if layer_index is None else layer_index.to(torch.int64)
+        else:
+            bound = self.num_tokens
+            self.token_index = _check_ids("token_index", token_index, self.shape[0], bound)
+            self.layer_index = _check_ids("layer_index", layer_index, self.shape[1], None)
         if seq_length is not None and (
             not _is_int(seq_length) or seq_length < 1 or self.num_tokens % seq_length
         ):
@@ -215,6 +201,38 @@ class RouteBatch:
                     f"columns hold MoE layers {list(columns)}"
                 )
         self.identity = identity
+
+    def _validate_and_pack(self, indices: torch.Tensor) -> None:
+        """Check every expert id (range, duplicates per slot set, whole-token missing marks)
+        and pack them (and the missing mask)."""
+        num_experts = self.num_experts
+        if indices.numel() and (int(indices.max()) >= num_experts):
+            raise ValueError(
+                f"RouteBatch expert id {int(indices.max())} out of range for num_experts={num_experts}"
+            )
+        if indices.numel() and int(indices.min()) < MISSING:
+            raise ValueError(
+                f"RouteBatch expert id {int(indices.min())} is negative; only {MISSING} (in "
+                f"every slot of a token) marks a missing route"
+            )
+        # An unsigned dtype cannot hold the marker (uint8 255 == -1 compares true).
+        missing = (indices == MISSING) if indices.is_signed() else torch.zeros_like(indices).bool()
+        ordered = indices.sort(dim=-1).values
+        duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(dim=-1)
+        if bool(duplicate.any()):
+            row, column = (int(v) for v in torch.nonzero(duplicate)[0])
+            raise ValueError(
+                f"RouteBatch row {row}, layer column {column} names a duplicate expert "
+                f"{indices[row, column].tolist()} (it would break the dispatch splits)"
+            )
+        if bool(missing.any()):
+            if not bool((missing.all(dim=-1) | ~missing.any(dim=-1)).all()):
+                raise ValueError(
+                    "RouteBatch: a token is either fully missing (-1 in every slot) or not"
+                )
+            self._missing = pack_bits(missing[..., 0], 1)
+            indices = indices.clamp(min=0)
+        self._packed = pack_bits(indices, bits_for(num_experts))
 
     def check_tokens(self, seq_length: int, batch_size: int) -> None:
         """Raise ValueError unless these routes were recorded for an input of `batch_size`

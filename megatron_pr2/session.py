@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_pr2.config import PR2Config
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.sharding import describe_layouts
 from megatron_pr2.records import (
@@ -33,7 +32,9 @@ from megatron_pr2.residency import (
     HostRoutes,
     Residency,
     cache_torch_dtype,
+    check_missing,
     decode_host,
+    own_rows,
     reorder_rows,
 )
 from megatron_pr2.route_answer import Recorded, RouteAnswer
@@ -94,6 +95,9 @@ class RoutingSession:
         # has recorded it, on the host for the handle.
         self._cache_rows: Dict[int, torch.Tensor] = {}
         self._record_rows: Dict[int, torch.Tensor] = {}
+        # No cache_mask: cached rows depend on the layout only (held here: its id stays unique).
+        self._rows_of_layout: Dict[int, Tuple[torch.Tensor, torch.Tensor, Optional[int]]] = {}
+        self._saved: Dict[int, int] = {}  # microbatch -> routers that recorded it
         # Replay: every microbatch decoded once (host, with its layout); bound by _bind.
         self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
         self._checked: Dict[int, Tuple[TokenLayout, Optional[torch.Tensor]]] = {}  # check's rows
@@ -215,8 +219,15 @@ class RoutingSession:
                 f"microbatch {microbatch}: route has {batch.num_tokens} tokens, the microbatch "
                 f"has {layout.num_tokens}"
             )
+        seq = layout.seq_length
+        own = self._full_layouts.get((seq, layout.num_tokens // seq)) if seq else None
         try:
-            rows = None if _own_rows(batch, layout) else batch.rows_for(layout.token_index)
+            if own_rows(batch, layout):
+                rows = None
+            elif batch.token_index is None and layout is own:
+                rows = layout.token_index  # canonical rows are token ids; own holds 0..T-1
+            else:
+                rows = batch.rows_for(layout.token_index)
         except ValueError as exc:
             why = f"microbatch {microbatch}: {exc}{describe_layouts(batch, layout)}"
             raise ValueError(why) from exc
@@ -225,7 +236,7 @@ class RoutingSession:
         absent = sorted({r.moe_layer_id for r in self.routers}.difference(present))
         if absent:
             raise ValueError(f"microbatch {microbatch}: route has no MoE layers {absent}")
-        _check_missing(batch, microbatch, router.pr2_config)
+        check_missing(batch, microbatch, router.pr2_config)
         self._checked[microbatch] = (layout, rows)
         return rows
 
@@ -259,7 +270,7 @@ class RoutingSession:
         self, microbatch: int, layout: TokenLayout, router: PR2Router, rows: Optional[torch.Tensor]
     ) -> HostRoutes:
         batch = self.routes[microbatch]
-        has_missing = _check_missing(batch, microbatch, router.pr2_config)
+        has_missing = check_missing(batch, microbatch, router.pr2_config)
         dtype = torch.int16 if has_missing else narrowest_int_dtype(batch.num_experts)
         # Rows in the batch's own order (one unsharded sequence, a shard on its own layout).
         own = self._full_layouts.get((batch.num_tokens, 1)) if batch.token_index is None else None
@@ -347,8 +358,10 @@ class RoutingSession:
         state = self.states[id(router)]
         self._cuda_records |= record.top_indices.is_cuda
         state.recorded.append(host_record(router, record))
-        if all(len(self.states[id(r)].recorded) >= len(state.recorded) for r in self.routers):
-            self._cache_rows.pop(len(state.recorded) - 1, None)  # every router has recorded it
+        microbatch = len(state.recorded) - 1
+        saved = self._saved[microbatch] = self._saved.get(microbatch, 0) + 1
+        if saved == len(self.routers):
+            self._cache_rows.pop(microbatch, None)  # every router has recorded it
 
     def _record_cache_rows(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, hidden: torch.Tensor
@@ -357,15 +370,24 @@ class RoutingSession:
         # for all layers (a CPU index would be copied per layer). One cache density per model:
         # recorded_routes uses the first router's too.
         rows = self._cache_rows.get(microbatch)
-        if rows is None:
+        if rows is not None:
+            return rows
+        held = self._rows_of_layout.get(id(layout)) if self.cache_mask is None else None
+        if held is None or held[1].device != hidden.device:
             config = router.pr2_config
-            rows = record_cache_rows(layout, config, self.cache_mask, microbatch)
-            self._record_rows[microbatch] = rows  # host, for the handle's RouteBatch
+            host = record_cache_rows(layout, config, self.cache_mask, microbatch)
+            total = None
             if not layout.is_full():  # a shard records C of the whole microbatch (identity)
                 eligible = None if self.cache_mask is None else self.cache_mask[microbatch]
                 total = microbatch_cache_tokens(layout, config.cache_tokens_per_sequence, eligible)
-                self._cached_tokens[microbatch] = total
-            rows = self._cache_rows[microbatch] = rows.to(hidden.device)
+            held = (host, host.to(hidden.device), total)
+            if self.cache_mask is None:
+                self._rows_of_layout[id(layout)] = held
+        host, rows, total = held
+        self._record_rows[microbatch] = host  # host, for the handle's RouteBatch
+        if total is not None:
+            self._cached_tokens[microbatch] = total
+        self._cache_rows[microbatch] = rows
         return rows
 
     # -- results -------------------------------------------------------------------------------
@@ -422,27 +444,3 @@ class RoutingSession:
             values = [self.states[id(router)].stats.mean(name) for router in routers]
             out[name] = torch.tensor(values, dtype=torch.float64)
         return out
-
-
-def _own_rows(batch: RouteBatch, layout: TokenLayout) -> bool:
-    """True when `layout` is a shard's own token_index, still int64 ids in range (as built; a
-    tensor changed since then goes through rows_for, which raises): its rows, in order."""
-    index = batch.token_index
-    if index is None or layout.token_index is not index or index.dtype != torch.int64:
-        return False
-    low, high = torch.aminmax(index) if index.numel() else (0, 0)
-    return 0 <= int(low) and int(high) < batch.num_tokens
-
-
-def _check_missing(batch: RouteBatch, microbatch: int, config: PR2Config) -> bool:
-    """True if some (token, layer) has no route; raises unless the policy is "fallback"."""
-    missing = batch.missing
-    if missing is None:
-        return False
-    if config.missing_route_policy == "error":
-        row, column = (int(v) for v in torch.nonzero(missing)[0])
-        raise ValueError(
-            f"microbatch {microbatch}: {int(missing.sum())} (token, layer) pairs have no route, "
-            f"first at row {row}, layer column {column} (PR2Config.missing_route_policy='error')"
-        )
-    return True
