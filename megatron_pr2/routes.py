@@ -303,13 +303,15 @@ class RouteBatch:
             out = data.as_strided((L, T, q, 8), (q * bits, L * q * bits, bits, 1))
             out = _select(out, columns, rows)
             out = split_words(group_words(out), bits, dtype).view(*out.shape[:2], k)
-        elif bits == 8 and k % 8 == 0 and self._packed.storage_offset() % 8 == 0:
-            # The bytes are the ids: move each (token, layer)'s k bytes as k / 8 int64 words.
-            words = self._packed.view(torch.int64).view(T, L, k // 8).transpose(0, 1)
-            out = _select(words, columns, rows).contiguous().view(torch.uint8).to(dtype)
-        else:
-            out = _select(self.decode_indices(dtype).transpose(0, 1), columns, rows).contiguous()
-            return out  # decode_indices marked the missing tokens
+        else:  # decode_indices marks the missing tokens
+            full = self.decode_indices(dtype)
+            # Move each (token, layer)'s k ids as the widest words that hold them exactly (E =
+            # 256, k = 8: one int64 per (token, layer) instead of a byte-wise transpose).
+            size, offset = k * full.element_size(), full.storage_offset() * full.element_size()
+            widths = (torch.int64, torch.int32, torch.int16, full.dtype)
+            wide = next(w for w in widths if size % w.itemsize == 0 and offset % w.itemsize == 0)
+            words = full.view(wide).view(T, L, size // wide.itemsize).transpose(0, 1)
+            return _select(words, columns, rows).contiguous().view(dtype)
         if self._missing is not None:
             out.masked_fill_(_select(self.missing.t(), columns, rows).unsqueeze(-1), -1)
         return out
