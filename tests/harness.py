@@ -124,7 +124,7 @@ takes over 120 s on a loaded 2-core machine, so only a real hang comes near it."
 COLLECTIVE_TIMEOUT_S = 300.0
 """Default gloo process-group timeout: a rank blocked in a collective whose peer never joins
 raises by itself after this long, so a hang shows up as an error with a traceback."""
-EXIT_TIMEOUT_S = 120.0
+EXIT_TIMEOUT_S = 300.0
 """How long a rank that reported its result gets to exit cleanly (its atexit handlers shut down
 helper processes such as the multiprocessing Manager of Megatron's torch_dist writer)."""
 
