@@ -110,7 +110,9 @@ def test_bar_check_states_met_not_met_and_no_clear_difference():
     assert "clip fraction r2 < none" in lines[3] and lines[3].endswith(": met")
     x = lines[lines.index("**pr2-x**") + 2 :][:2]
     assert x[0].endswith(": met") and "beyond the seed spread" in x[0]
-    assert x[1].endswith(": met (no clear difference; the bar is <=)")
+    assert x[1].endswith(
+        ": no clear difference (the bar is <=: not exceeded beyond the seed spread)"
+    )
     y = lines[lines.index("**pr2-y**") + 2 :][:2]
     assert y[0].endswith(": no clear difference") and y[1].endswith(": NOT met")
     assert "- none: 0.5000 ± 0.2828 (1 of 2 seeds above): NOT met" in text

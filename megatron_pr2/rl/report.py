@@ -268,8 +268,11 @@ def _bar_line(
     if a.mean is None or b.mean is None:
         return f"- {what}: not measured"
     g = gap(a, b, direction, paired)
-    if g.kind == "better" or (tie_ok and g.kind in ("unclear", "identical")):
-        verdict = "met" if g.kind == "better" else "met (no clear difference; the bar is <=)"
+    if g.kind == "better":
+        verdict = "met"
+    elif tie_ok and g.kind in ("unclear", "identical"):
+        # A "<=" bar inside the seed spread is not shown either way: never "met".
+        verdict = "no clear difference (the bar is <=: not exceeded beyond the seed spread)"
     elif g.kind == "WORSE":
         verdict = "NOT met"
     else:
