@@ -89,7 +89,7 @@ class RLConfig:
     lr_warmup_iters: int = 0
     """Optimizer steps of linear learning-rate warmup of the policy (Megatron's
     --lr-warmup-iters). Adam's first steps move every weight by ~lr whatever the gradient's
-    size; without a warmup they knock the warm start's reward down before RL can lift it."""
+    size; a warmup keeps the first updates of the warm start small."""
     lr_decay_style: str = "constant"
     """'constant' or 'cosine' (from lr to min_lr_ratio x lr over the optimizer steps after the
     warmup; Megatron's --lr-decay-style). The predictor's lr is not scheduled: it tracks the
