@@ -363,6 +363,8 @@ def test_config_validation():
         RLConfig(min_lr_ratio=1.5)
     with pytest.raises(ValueError, match="lr_warmup_iters"):
         RLConfig(lr_warmup_iters=-1)
+    with pytest.raises(ValueError, match="router_anchor"):
+        RLConfig(router_anchor=-1.0)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -395,6 +397,28 @@ def test_kl_to_reference_anchors_on_the_frozen_warm_start(setup, tmp_path):
     kl = [h["rl/kl_to_reference"] for h in history]
     assert 0 < kl[0] < kl[1]  # mini-step 1 of step 1 is at the reference (k3 = 0), then grows
     assert make_trainer(setup, micro_rl_config("pr2"), tmp_path / "off").reference is None
+
+
+def test_router_anchor_pulls_the_routers_towards_the_warm_start(setup, tmp_path):
+    from megatron_pr2.model_index import pr2_routers
+
+    def router_distance(anchor: float) -> float:
+        # lr 1e-3, router lr x2: the pull per optimizer step is 2e-3 x anchor of the deviation.
+        cfg = micro_rl_config("r2", steps=1, router_lr_mult=2.0, router_anchor=anchor)
+        trainer = make_trainer(setup, cfg, tmp_path / f"anchor{anchor}")
+        start = [r.weight.detach().clone() for r in pr2_routers(trainer.model)]
+        embedding = trainer.model.embedding.word_embeddings.weight
+        before = embedding.detach().clone()
+        trainer.train(progress=False)
+        assert not torch.equal(embedding, before)  # the rest of the policy moves either way
+        return max(
+            float((r.weight - w).abs().max()) for r, w in zip(pr2_routers(trainer.model), start)
+        )
+
+    free, pulled = router_distance(0.0), router_distance(100.0)
+    assert free > 0 and pulled < 0.9 * free
+    # A pull of the whole deviation puts the routers back on the warm start after every step.
+    assert router_distance(500.0) < 1e-7
 
 
 def test_lr_schedule_drives_the_policy_groups_not_the_predictor(setup, tmp_path):

@@ -75,6 +75,8 @@ class Preset:
     router_weight_decay: Optional[float] = 30.0
     """AdamW weight decay of the router weights in RL (None: like the other weights, 0): it keeps
     the router logits small, so one update changes more routes."""
+    router_anchor: float = 0.0
+    """Pull of the router weights towards the warm start in RL (RLConfig.router_anchor)."""
     aux_loss_coeff: float = 0.01
     """Megatron load-balancing (aux) loss coefficient of the model in SFT."""
     rl_aux_loss_coeff: Optional[float] = 0.1
@@ -312,6 +314,7 @@ def _configs(preset: Preset, job: dict):
         min_lr_ratio=preset.min_lr_ratio,
         router_lr_mult=preset.router_lr_mult,
         router_weight_decay=preset.router_weight_decay,
+        router_anchor=preset.router_anchor,
         engine_dtype=job.get("engine_dtype", "bf16"),
         policy=PolicyLossConfig(
             clip_eps_low=job.get("clip_eps", 0.2),

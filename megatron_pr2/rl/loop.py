@@ -84,6 +84,11 @@ class RLConfig:
     router_weight_decay: Optional[float] = None
     """AdamW (decoupled) weight decay of the router weights; None = weight_decay. A large value
     keeps the router logits small, so their margins stay comparable to one update's change."""
+    router_anchor: float = 0.0
+    """Decoupled pull of the router weights towards their warm-start values: after every
+    optimizer step w -= router lr x router_anchor x (w - w_warm_start). Unlike weight decay (a
+    pull towards 0) it keeps route changes from accumulating over a run: the router keeps
+    moving at every update but stays near the routing the experts were trained with."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     lr_warmup_iters: int = 0
@@ -150,6 +155,8 @@ class RLConfig:
                 "RLConfig.lr_decay_style must be 'constant' or 'cosine', "
                 f"got {self.lr_decay_style!r}"
             )
+        if not self.router_anchor >= 0.0:
+            raise ValueError(f"RLConfig.router_anchor must be >= 0, got {self.router_anchor}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"RLConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.lab_dump_fraction <= 1.0:
@@ -249,6 +256,7 @@ class RLTrainer:
         ]
         self._policy_params = [p for p in self.model.parameters() if not is_predictor_param(p)]
         self.step_index = 0
+        self._router_anchors = [r.weight.detach().clone() for r in pr2_routers(self.model)]
         # Router-weight change over the previous rollout batch (per router), for the drift
         # telemetry: how alike consecutive batches' drifts are is what a predictor can exploit.
         self._last_router_drift: Optional[List[torch.Tensor]] = None
@@ -465,6 +473,11 @@ class RLTrainer:
             metrics.add("rl/lr", cfg.lr * factor, 1)
             with predictor_step_frozen(self.optimizer, not self._predictor_has_gradient()):
                 self.optimizer.step()
+            if cfg.router_anchor > 0:
+                pull = cfg.lr * factor * cfg.router_lr_mult * cfg.router_anchor
+                with torch.no_grad():
+                    for router, anchor in zip(routers, self._router_anchors):
+                        router.weight.sub_(pull * (router.weight - anchor))
         self._router_drift_metrics(metrics, routers, weights_before)
         self.probe.end_step(step, self.rank, self._lab_meta())
         t_end = time.time()
