@@ -28,10 +28,16 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
         weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
         return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-count) % 8)]).view(-1, 8)
-    words = (flat << (torch.arange(8, device=flat.device) * bits)).sum(dim=1)
-    byte_shifts = torch.arange(bits, device=flat.device) * 8
-    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    if count % 8:
+        flat = torch.cat([flat, flat.new_zeros((-count) % 8)])
+    words = (flat.view(-1, 8) << torch.arange(0, 8 * bits, bits, device=flat.device)).sum(dim=1)
+    if sys.byteorder == "little":
+        # A word's low `bits` bytes are its first bytes in memory: one strided copy instead of a
+        # shift, mask and cast per byte (the packing runs once per recorded microbatch).
+        packed = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+    else:
+        byte_shifts = torch.arange(bits, device=flat.device) * 8
+        packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return packed[: -(-count * bits // 8)]
 
 

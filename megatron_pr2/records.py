@@ -10,7 +10,7 @@
 # On CUDA the copies are non_blocking into pinned memory: no host sync per microbatch or layer,
 # one stream sync when the handle packs the routes (RoutingSession.recorded_routes).
 
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -124,20 +124,39 @@ def _stack_layers(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, dim=1)
 
 
+def canonical_order(layout: TokenLayout) -> Optional[torch.Tensor]:
+    """The permutation that puts the rows of a full layout in canonical token order, None when
+    they already are (one sequence, or a layout made so): then no row gather at all."""
+    token_index = layout.token_index
+    if torch.equal(token_index, torch.arange(token_index.numel())):
+        return None
+    return torch.argsort(token_index)
+
+
+def record_layers(routers: List[PR2Router]) -> Tuple[torch.Tensor, bool]:
+    """MoE-layer ids of `routers` (sorted by id) and whether they are all of the model's."""
+    layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+    all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(routers[0].config))))
+    return layer_ids, all_layers
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
     layout: TokenLayout,
     cached_rows: Optional[torch.Tensor],
     cached_tokens: Optional[int] = None,
+    layers: Optional[Tuple[torch.Tensor, bool]] = None,
+    order: Union[torch.Tensor, None, str] = "compute",
 ) -> RouteBatch:
     """The RouteBatch of one microbatch from the records of `routers` (sorted by MoE-layer id):
     indices [T_local, L_local, k] in canonical token order when this rank saw every token.
     The records are host copies already (host_record). A shard of a token-split layout
-    carries its identity (with cached_tokens, the microbatch's cache size)."""
-    layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+    carries its identity (with cached_tokens, the microbatch's cache size). `layers`
+    (record_layers) and `order` (canonical_order of a full layout) are the same for every
+    microbatch of a context: the session computes them once."""
+    layer_ids, all_layers = record_layers(routers) if layers is None else layers
     config = routers[0].config
-    all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
     indices = _stack_layers([rec.top_indices for rec in records])
     dropped = None
     if records[0].dropped is not None:
@@ -145,7 +164,7 @@ def assemble_record(
     cache = None
     if records[0].hidden is not None:
         cache = PredictorCache(
-            token_index=layout.token_index[cached_rows],
+            token_index=layout.token_index.index_select(0, cached_rows),
             hidden=_stack_layers([rec.hidden for rec in records]),
             logits=_stack_layers([rec.logits for rec in records]),
         )
@@ -153,9 +172,11 @@ def assemble_record(
     identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
     if layout.is_full():
         # This rank saw every token: store rows in canonical order.
-        order = torch.argsort(token_index)
-        indices = indices[order]
-        dropped = None if dropped is None else dropped[order]
+        if isinstance(order, str):
+            order = canonical_order(layout)
+        if order is not None:
+            indices = indices.index_select(0, order)
+            dropped = None if dropped is None else dropped.index_select(0, order)
         token_index, identity = None, None
     return RouteBatch(
         indices,

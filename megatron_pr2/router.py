@@ -47,6 +47,7 @@ from megatron_pr2.route_answer import Recorded, RouteAnswer
 from megatron_pr2.telemetry import observe_predictor, observe_replay
 
 _LOG = logging.getLogger(__name__)
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}  # else the input's dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,12 +185,16 @@ class PR2Router(TopKRouter):
         record = Recorded(top_indices.detach(), None if dropped is None else dropped.detach())
         rows = answer.cache_rows
         if rows is not None:
-            cached_hidden = input.detach().reshape(-1, input.shape[-1])[rows]
+            # index_select, not advanced indexing: the same rows, 5-10x faster on CPU.
+            cached_hidden = input.detach().reshape(-1, input.shape[-1]).index_select(0, rows)
             if rows.numel():
                 # p_old: the gating GEMM over the C cached rows only (C / T of the routing GEMM),
-                # which the fused W_g + W_p GEMM of predicted_gating cannot give.
+                # which the fused W_g + W_p GEMM of predicted_gating cannot give. Megatron's own
+                # gating GEMM (TE's where installed), without gating()'s per-call weight checks.
                 with torch.no_grad():
-                    p_old = self.gating(cached_hidden)
+                    p_old = router_gating_linear(
+                        cached_hidden, self.weight, self.bias, self._router_dtype(input)
+                    )
             else:  # a rank may hold none of the cached rows
                 p_old = cached_hidden.new_zeros(0, self.config.num_moe_experts)
             record.hidden, record.logits = cached_hidden, p_old
@@ -212,7 +217,7 @@ class PR2Router(TopKRouter):
         cached = answer.cache_rows is not None and answer.cache_rows.numel() > 0
         loss = offset = live_cached = None
         if cached and (answer.train_predictor or answer.telemetry):
-            live_cached = flat_logits[answer.cache_rows].detach()
+            live_cached = flat_logits.detach().index_select(0, answer.cache_rows)
             # Before loss_start_ministep the loss is only reported: no graph for it.
             with torch.set_grad_enabled(answer.train_predictor and torch.is_grad_enabled()):
                 offset = self.predictor_offset(answer.cache_hidden)
@@ -251,7 +256,7 @@ class PR2Router(TopKRouter):
                     answer.cache_logits,
                     offset,
                     loss,
-                    target[answer.cache_rows],
+                    target.index_select(0, answer.cache_rows),
                 )
         return probs, routing_map
 
@@ -263,16 +268,17 @@ class PR2Router(TopKRouter):
         ):
             # The RL old-policy pass runs without grad: one GEMM with W_g + W_p instead of two
             # (exact for a zero predictor, so PR2 still starts as R2 bit for bit).
-            router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
-                self.config.moe_router_dtype, input.dtype
-            )
             with pr2_range("predictor"):
                 weight = self.fused_gating_weight()
-                return router_gating_linear(input, weight, self.bias, router_dtype)
+                return router_gating_linear(input, weight, self.bias, self._router_dtype(input))
         logits = self.gating(input)
         with torch.no_grad():
             offset = self.predictor_offset(input)
         return logits + offset.to(logits.dtype)
+
+    def _router_dtype(self, input: torch.Tensor) -> torch.dtype:
+        """The dtype of the gating GEMM, as TopKRouter.gating picks it (moe_router_dtype)."""
+        return _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
 
     @torch.no_grad()
     def fused_gating_weight(self) -> torch.Tensor:

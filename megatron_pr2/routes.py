@@ -151,8 +151,10 @@ class RouteBatch:
         self.expert_counts: Optional[torch.Tensor] = None
         if indices.device.type == "cpu":
             L, E = self.shape[1], self.num_experts
-            keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
-            keys = keys[indices >= 0] if self._missing is not None else keys.view(-1)
+            keys = indices  # one layer: the ids are the keys (bincount takes any integer dtype)
+            if L > 1:
+                keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
+            keys = keys[indices >= 0] if self._missing is not None else keys.reshape(-1)
             counts = torch.bincount(keys, minlength=L * E).view(L, E)
             self.expert_counts = counts.to(torch.int32)
         self._dropped = None

@@ -24,9 +24,11 @@ from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.sharding import describe_layouts
 from megatron_pr2.records import (
     assemble_record,
+    canonical_order,
     host_record,
     microbatch_cache_tokens,
     record_cache_rows,
+    record_layers,
 )
 from megatron_pr2.residency import (
     HostRoutes,
@@ -425,16 +427,20 @@ class RoutingSession:
         calls = self.states[id(routers[0])].forward_calls
         if self._cuda_records:
             torch.cuda.synchronize()  # once: the records' non_blocking copies to the host
-        return [
-            assemble_record(
-                routers,
-                [self.states[id(r)].recorded[m] for r in routers],
-                self._layouts[m],
-                self._record_rows.get(m),
-                self._cached_tokens.get(m),
-            )
-            for m in range(calls)
-        ]
+        layers = record_layers(routers) if routers else None
+        orders: Dict[int, Optional[torch.Tensor]] = {}  # per layout object (held: ids unique)
+        batches = []
+        for m in range(calls):
+            layout = self._layouts[m]
+            order = None
+            if layout.is_full():
+                if id(layout) not in orders:
+                    orders[id(layout)] = canonical_order(layout)
+                order = orders[id(layout)]
+            records = [self.states[id(r)].recorded[m] for r in routers]
+            rows, total = self._record_rows.get(m), self._cached_tokens.get(m)
+            batches.append(assemble_record(routers, records, layout, rows, total, layers, order))
+        return batches
 
     def metrics(self) -> Dict[str, torch.Tensor]:
         """Per-layer means over the replayed tokens: name -> [L_local] (NaN where not measured)."""
