@@ -23,6 +23,7 @@ import logging
 from typing import Optional, Tuple
 
 import torch
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     compute_routing_scores_for_aux_loss,
@@ -57,6 +58,21 @@ def _log_unfused_once() -> None:  # once per process, not once per router
         "routes through Megatron's unfused top-k (TE's fused top-k kernel has no replay hook); "
         "routing(model, 'off') keeps the fused kernel"
     )
+
+
+def _gating_gemm(input, weight, bias, router_dtype) -> torch.Tensor:
+    """router_gating_linear(input, weight, bias, router_dtype) for a call without gradient.
+    Without Transformer Engine it is Megatron's own torch.mm / addmm (the same bits), minus the
+    autograd Function (its context and saved tensors, tens of microseconds per call that only a
+    backward needs); with TE, Megatron's function itself."""
+    if torch.is_grad_enabled() or getattr(moe_utils, "te_general_gemm", None) is not None:
+        return router_gating_linear(input, weight, bias, router_dtype)
+    flat = input.view(-1, input.shape[-1]).to(router_dtype)
+    if bias is None:
+        output = torch.mm(flat, weight.to(router_dtype).t())
+    else:
+        output = torch.addmm(bias.to(router_dtype), flat, weight.to(router_dtype).t())
+    return output.view(*input.shape[:-1], -1)
 
 
 class _TopKOverride:
@@ -192,7 +208,7 @@ class PR2Router(TopKRouter):
                 # which the fused W_g + W_p GEMM of predicted_gating cannot give. Megatron's own
                 # gating GEMM (TE's where installed), without gating()'s per-call weight checks.
                 with torch.no_grad():
-                    p_old = router_gating_linear(
+                    p_old = _gating_gemm(
                         cached_hidden, self.weight, self.bias, self._router_dtype(input)
                     )
             else:  # a rank may hold none of the cached rows
@@ -270,7 +286,7 @@ class PR2Router(TopKRouter):
             # (exact for a zero predictor, so PR2 still starts as R2 bit for bit).
             with pr2_range("predictor"):
                 weight = self.fused_gating_weight()
-                return router_gating_linear(input, weight, self.bias, self._router_dtype(input))
+                return _gating_gemm(input, weight, self.bias, self._router_dtype(input))
         logits = self.gating(input)
         with torch.no_grad():
             offset = self.predictor_offset(input)
@@ -326,15 +342,18 @@ class PR2Router(TopKRouter):
         if dropped is not None:
             return self._routing_with_recorded_drops(logits, padding_mask, target, dropped)
         override = _TopKOverride(target)
-        stock_replay, self.router_replay = self.router_replay, override
-        stock_config = self.config
+        # Plain attributes (neither parameters nor submodules): swapped in the instance dict,
+        # without nn.Module.__setattr__'s checks on every router call.
+        attributes = self.__dict__
+        stock_replay, attributes["router_replay"] = attributes["router_replay"], override
+        stock_config = attributes["config"]
         if self._unfused_config is not None:
-            self.config = self._unfused_config
+            attributes["config"] = self._unfused_config
         try:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
-            self.router_replay = stock_replay
-            self.config = stock_config
+            attributes["router_replay"] = stock_replay
+            attributes["config"] = stock_config
         top_indices = override.top_indices
         if self.config.moe_expert_capacity_factor is not None:
             # With or without pad-to-capacity, a routed slot survives iff routing_map keeps it.
