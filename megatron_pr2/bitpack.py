@@ -72,6 +72,6 @@ def group_words(window: torch.Tensor) -> torch.Tensor:
 def split_words(words: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """[..., 1] int64 words -> [..., 8] values of `bits` (< 8) bits each, low bits first, in
     `dtype`. The uint8 cast keeps each shifted word's low byte (a wrap), then the mask."""
-    values = (words >> (torch.arange(8, device=words.device) * bits)).to(torch.uint8)
+    values = (words >> torch.arange(0, 8 * bits, bits, device=words.device)).to(torch.uint8)
     values &= (1 << bits) - 1
     return values if dtype == torch.uint8 else values.to(dtype)

@@ -14,6 +14,7 @@
 # Expert ids are packed with ceil(log2(E)) bits each: k * ceil(log2 E) / 8 bytes per token per
 # layer, e.g. 7 bytes for top-8 of 128 experts instead of 32 for int32.
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -425,3 +426,11 @@ class TokenLayout:
     def is_full(self) -> bool:
         """True when this layout covers every canonical token (a permutation of 0..T-1)."""
         return self.token_index.numel() == self.num_tokens
+
+
+@functools.lru_cache(maxsize=8)
+def shared_full_layout(seq_length: int, batch_size: int) -> TokenLayout:
+    """TokenLayout.full shared by the routing() contexts of a run (every mini-step routes the
+    same shapes): built once, not at every entry. A layout is frozen and nothing writes its
+    token_index."""
+    return TokenLayout.full(seq_length, batch_size)

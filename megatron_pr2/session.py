@@ -41,7 +41,7 @@ from megatron_pr2.residency import (
 )
 from megatron_pr2.route_answer import Recorded, RouteAnswer
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype
+from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype, shared_full_layout
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -170,7 +170,7 @@ class RoutingSession:
         """TokenLayout.full, one object per shape (the same object at entry and forward)."""
         key = (seq_length, batch_size)
         if key not in self._full_layouts:
-            self._full_layouts[key] = TokenLayout.full(seq_length, batch_size)
+            self._full_layouts[key] = shared_full_layout(seq_length, batch_size)
         return self._full_layouts[key]
 
     def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
@@ -427,18 +427,15 @@ class RoutingSession:
         calls = self.states[id(routers[0])].forward_calls
         if self._cuda_records:
             torch.cuda.synchronize()  # once: the records' non_blocking copies to the host
-        layers = record_layers(routers) if routers else None
-        orders: Dict[int, Optional[torch.Tensor]] = {}  # per layout object (held: ids unique)
+        layers, orders = record_layers(routers), {}  # orders: per layout object (ids unique)
         batches = []
         for m in range(calls):
             layout = self._layouts[m]
-            order = None
-            if layout.is_full():
-                if id(layout) not in orders:
-                    orders[id(layout)] = canonical_order(layout)
-                order = orders[id(layout)]
+            if layout.is_full() and id(layout) not in orders:
+                orders[id(layout)] = canonical_order(layout)
             records = [self.states[id(r)].recorded[m] for r in routers]
             rows, total = self._record_rows.get(m), self._cached_tokens.get(m)
+            order = orders.get(id(layout))
             batches.append(assemble_record(routers, records, layout, rows, total, layers, order))
         return batches
 
