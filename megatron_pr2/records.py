@@ -10,6 +10,7 @@
 # On CUDA the copies are non_blocking into pinned memory: no host sync per microbatch or layer,
 # one stream sync when the handle packs the routes (RoutingSession.recorded_routes).
 
+import functools
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -20,7 +21,13 @@ from megatron_pr2.parallel.sharding import shard_identity
 from megatron_pr2.residency import cache_torch_dtype
 from megatron_pr2.route_answer import Recorded
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
+from megatron_pr2.routes import (
+    PredictorCache,
+    RouteBatch,
+    TokenLayout,
+    narrowest_int_dtype,
+    shared_full_layout,
+)
 
 
 def cache_rows(
@@ -75,13 +82,25 @@ def microbatch_cache_tokens(
     return int(cache_rows(full, cache_tokens_per_sequence, eligible).numel())
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_cache_rows(seq_length: int, batch_size: int, cache_tokens: int) -> torch.Tensor:
+    # Read-only like the layout it indexes: its users gather with it, none writes it.
+    return cache_rows(shared_full_layout(seq_length, batch_size), cache_tokens)
+
+
 def record_cache_rows(
     layout: TokenLayout,
     config: PR2Config,
     cache_mask: Optional[List[torch.Tensor]],
     microbatch: int,
+    shared: bool = False,
 ) -> torch.Tensor:
-    """cache_rows of one recorded microbatch, with its entry of routing(cache_mask=)."""
+    """cache_rows of one recorded microbatch, with its entry of routing(cache_mask=). shared: the
+    layout is a shared_full_layout, whose rows without a mask are computed once per run, not at
+    every routing() entry."""
+    if shared and cache_mask is None:
+        batch_size = layout.num_tokens // layout.seq_length
+        return _shared_cache_rows(layout.seq_length, batch_size, config.cache_tokens_per_sequence)
     eligible = None
     if cache_mask is not None:
         if microbatch >= len(cache_mask):
@@ -97,7 +116,7 @@ def host_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torc
     """`tensor` on the host in `dtype` (converted on its device first, so only the narrow bytes
     travel). CUDA: a non_blocking copy into pinned memory, valid once the current stream has
     synchronised; elsewhere the converted tensor itself."""
-    if dtype is not None:
+    if dtype is not None and tensor.dtype != dtype:  # (a no-op .to still costs a dispatch)
         tensor = tensor.to(dtype)
     if tensor.device.type != "cuda":
         return tensor

@@ -67,11 +67,14 @@ def _gating_gemm(input, weight, bias, router_dtype) -> torch.Tensor:
     backward needs); with TE, Megatron's function itself."""
     if torch.is_grad_enabled() or getattr(moe_utils, "te_general_gemm", None) is not None:
         return router_gating_linear(input, weight, bias, router_dtype)
-    flat = input.view(-1, input.shape[-1]).to(router_dtype)
+    # (.to only where the dtype changes: the same tensors, without a no-op dispatch each.)
+    flat = input.view(-1, input.shape[-1])
+    flat = flat if flat.dtype == router_dtype else flat.to(router_dtype)
+    weight = weight if weight.dtype == router_dtype else weight.to(router_dtype)
     if bias is None:
-        output = torch.mm(flat, weight.to(router_dtype).t())
+        output = torch.mm(flat, weight.t())
     else:
-        output = torch.addmm(bias.to(router_dtype), flat, weight.to(router_dtype).t())
+        output = torch.addmm(bias.to(router_dtype), flat, weight.t())
     return output.view(*input.shape[:-1], -1)
 
 

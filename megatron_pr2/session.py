@@ -377,7 +377,8 @@ class RoutingSession:
         held = self._rows_of_layout.get(id(layout)) if self.cache_mask is None else None
         if held is None or held[1].device != hidden.device:
             config = router.pr2_config
-            host = record_cache_rows(layout, config, self.cache_mask, microbatch)
+            shared = any(layout is full for full in self._full_layouts.values())
+            host = record_cache_rows(layout, config, self.cache_mask, microbatch, shared)
             total = None
             if not layout.is_full():  # a shard records C of the whole microbatch (identity)
                 eligible = None if self.cache_mask is None else self.cache_mask[microbatch]
