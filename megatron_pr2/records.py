@@ -11,10 +11,12 @@
 # one stream sync when the handle packs the routes (RoutingSession.recorded_routes).
 
 import functools
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
 
+from megatron_pr2.bitpack import bits_for, pack_bits
 from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import shard_identity
@@ -159,6 +161,55 @@ def record_layers(routers: List[PR2Router]) -> Tuple[torch.Tensor, bool]:
     return layer_ids, all_layers
 
 
+def pack_microbatches(
+    indices: List[torch.Tensor], num_experts: int
+) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """(packed ids, [L, E] int32 expert_counts) of each [T, L, k] host tensor of `indices`, made
+    with one pack_bits and one bincount for all of them instead of a few small ops each (the
+    record pass packs M microbatches at once). The same bytes as RouteBatch packs itself: a
+    microbatch of a multiple of 8 ids is whole groups of the joint stream. None where that does
+    not hold (other shapes, device tensors): RouteBatch packs each then."""
+    shape = indices[0].shape
+    if (
+        len(indices) < 2
+        or math.prod(shape) % 8
+        or any(t.shape != shape or t.device.type != "cpu" for t in indices)
+    ):
+        return None
+    M, L = len(indices), shape[1]
+    stacked = torch.stack(indices)  # [M, T, L, k]
+    packed = pack_bits(stacked, bits_for(num_experts)).view(M, -1)
+    # Key of (microbatch, layer column, expert): one bincount counts every microbatch.
+    offsets = (
+        torch.arange(M).view(M, 1, 1, 1) * L + torch.arange(L).view(1, 1, L, 1)
+    ) * num_experts
+    keys = (stacked.to(torch.int64) + offsets).reshape(-1)
+    counts = torch.bincount(keys, minlength=M * L * num_experts).view(M, L, num_experts)
+    counts = counts.to(torch.int32)
+    # Copies, not views of the joint tensors: a RouteBatch saved or sent alone carries its own
+    # bytes only.
+    return [(packed[m].clone(), counts[m].clone()) for m in range(M)]
+
+
+def ordered_indices(
+    records: List[Recorded], layout: TokenLayout, order: Union[torch.Tensor, None, str] = "compute"
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """indices and dropped [T_local, L_local, k] of one microbatch's records (sorted by MoE-layer
+    id), rows in canonical token order when this rank saw every token. order: canonical_order
+    of the layout when the caller has it."""
+    indices = _stack_layers([rec.top_indices for rec in records])
+    dropped = None
+    if records[0].dropped is not None:
+        dropped = _stack_layers([rec.dropped for rec in records])
+    if layout.is_full():
+        if isinstance(order, str):
+            order = canonical_order(layout)
+        if order is not None:
+            indices = indices.index_select(0, order)
+            dropped = None if dropped is None else dropped.index_select(0, order)
+    return indices, dropped
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
@@ -166,20 +217,18 @@ def assemble_record(
     cached_rows: Optional[torch.Tensor],
     cached_tokens: Optional[int] = None,
     layers: Optional[Tuple[torch.Tensor, bool]] = None,
-    order: Union[torch.Tensor, None, str] = "compute",
+    ordered: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    packed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> RouteBatch:
     """The RouteBatch of one microbatch from the records of `routers` (sorted by MoE-layer id):
     indices [T_local, L_local, k] in canonical token order when this rank saw every token.
     The records are host copies already (host_record). A shard of a token-split layout
     carries its identity (with cached_tokens, the microbatch's cache size). `layers`
-    (record_layers) and `order` (canonical_order of a full layout) are the same for every
-    microbatch of a context: the session computes them once."""
+    (record_layers), `ordered` (ordered_indices) and `packed` (pack_microbatches) when the
+    caller made them for several microbatches at once (assemble_records)."""
     layer_ids, all_layers = record_layers(routers) if layers is None else layers
     config = routers[0].config
-    indices = _stack_layers([rec.top_indices for rec in records])
-    dropped = None
-    if records[0].dropped is not None:
-        dropped = _stack_layers([rec.dropped for rec in records])
+    indices, dropped = ordered_indices(records, layout) if ordered is None else ordered
     cache = None
     if records[0].hidden is not None:
         cache = PredictorCache(
@@ -189,13 +238,7 @@ def assemble_record(
         )
     token_index = layout.token_index
     identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
-    if layout.is_full():
-        # This rank saw every token: store rows in canonical order.
-        if isinstance(order, str):
-            order = canonical_order(layout)
-        if order is not None:
-            indices = indices.index_select(0, order)
-            dropped = None if dropped is None else dropped.index_select(0, order)
+    if layout.is_full():  # rows in canonical order (ordered_indices)
         token_index, identity = None, None
     return RouteBatch(
         indices,
@@ -208,4 +251,31 @@ def assemble_record(
         cache=cache,
         identity=identity,
         trusted=True,  # the routers' own top-k and layout: nothing to validate per value
+        packed=packed,
     )
+
+
+def assemble_records(
+    routers: List[PR2Router],
+    records: List[List[Recorded]],
+    layouts: List[TokenLayout],
+    cached_rows: List[Optional[torch.Tensor]],
+    cached_tokens: List[Optional[int]],
+) -> List[RouteBatch]:
+    """assemble_record of every recorded microbatch (records[m]: microbatch m's records of
+    `routers`, sorted by MoE-layer id), with the layer ids, each layout's canonical order and
+    the bit packing made once for all of them."""
+    layers, orders = record_layers(routers), {}  # orders: per layout object (ids unique)
+    ordered = []
+    for recs, layout in zip(records, layouts):
+        if layout.is_full() and id(layout) not in orders:
+            orders[id(layout)] = canonical_order(layout)
+        ordered.append(ordered_indices(recs, layout, orders.get(id(layout))))
+    packs = pack_microbatches(
+        [indices for indices, _ in ordered], routers[0].config.num_moe_experts
+    )
+    packs = packs or [None] * len(ordered)
+    return [
+        assemble_record(routers, *args, layers, done, pack)
+        for *args, done, pack in zip(records, layouts, cached_rows, cached_tokens, ordered, packs)
+    ]

@@ -18,7 +18,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -122,6 +122,7 @@ class RouteBatch:
         cache: Optional[PredictorCache] = None,
         identity: Optional[ShardIdentity] = None,
         trusted: bool = False,
+        packed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts)).
 
@@ -130,6 +131,8 @@ class RouteBatch:
         value of 2 sets a neighbouring slot's bit, a duplicate token id lets the last row win).
         trusted=True (a record pass packing its own top-k: distinct ids in range, no missing
         token, distinct token ids from its layout) skips the checks that read every value.
+        packed: with trusted, (pack_bits of indices, expert_counts) made already for several
+        microbatches at once (records.pack_microbatches).
         """
         if indices.dim() != 3:
             raise ValueError(
@@ -143,14 +146,16 @@ class RouteBatch:
         self.num_experts = int(num_experts)
         self._missing = None
         if trusted:
-            self._packed = pack_bits(indices, bits_for(num_experts))
+            self._packed = (
+                pack_bits(indices, bits_for(num_experts)) if packed is None else packed[0]
+            )
         else:
             self._validate_and_pack(indices)
         # [L, E] int32 routed slots per (layer column, expert), counted here where the ids are
         # at hand: a replay on exactly these rows takes its dispatch plan's counts from it at
         # every routing() entry (one per mini-step of the same routes) instead of recounting.
-        self.expert_counts: Optional[torch.Tensor] = None
-        if indices.device.type == "cpu":
+        self.expert_counts: Optional[torch.Tensor] = None if packed is None else packed[1]
+        if indices.device.type == "cpu" and self.expert_counts is None:
             L, E = self.shape[1], self.num_experts
             keys = indices  # one layer: the ids are the keys (bincount takes any integer dtype)
             if L > 1:

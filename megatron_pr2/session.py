@@ -23,12 +23,10 @@ import torch
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.sharding import describe_layouts
 from megatron_pr2.records import (
-    assemble_record,
-    canonical_order,
+    assemble_records,
     host_record,
     microbatch_cache_tokens,
     record_cache_rows,
-    record_layers,
 )
 from megatron_pr2.residency import (
     HostRoutes,
@@ -428,17 +426,13 @@ class RoutingSession:
         calls = self.states[id(routers[0])].forward_calls
         if self._cuda_records:
             torch.cuda.synchronize()  # once: the records' non_blocking copies to the host
-        layers, orders = record_layers(routers), {}  # orders: per layout object (ids unique)
-        batches = []
-        for m in range(calls):
-            layout = self._layouts[m]
-            if layout.is_full() and id(layout) not in orders:
-                orders[id(layout)] = canonical_order(layout)
-            records = [self.states[id(r)].recorded[m] for r in routers]
-            rows, total = self._record_rows.get(m), self._cached_tokens.get(m)
-            order = orders.get(id(layout))
-            batches.append(assemble_record(routers, records, layout, rows, total, layers, order))
-        return batches
+        return assemble_records(
+            routers,
+            [[self.states[id(r)].recorded[m] for r in routers] for m in range(calls)],
+            [self._layouts[m] for m in range(calls)],
+            [self._record_rows.get(m) for m in range(calls)],
+            [self._cached_tokens.get(m) for m in range(calls)],
+        )
 
     def metrics(self) -> Dict[str, torch.Tensor]:
         """Per-layer means over the replayed tokens: name -> [L_local] (NaN where not measured)."""
