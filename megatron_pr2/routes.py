@@ -298,12 +298,14 @@ class RouteBatch:
         dtype: torch.dtype,
         columns: Optional[List[int]] = None,
         rows: Optional[torch.Tensor] = None,
+        decoded: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """[L', T', k] ids of layer columns `columns` and rows `rows` (None: all) in `dtype`
-        (-1 for missing tokens: a signed dtype then), one contiguous [T', k] block per column."""
+        (-1 for missing tokens: a signed dtype then), one contiguous [T', k] block per column.
+        decoded: decode_indices(dtype) when the caller has it (decode_many)."""
         T, L, k = self.shape
         bits = bits_for(self.num_experts)
-        if bits < 8 and k % 8 == 0:
+        if bits < 8 and k % 8 == 0 and decoded is None:
             # Whole groups of 8 ids per (token, layer): gather the groups' words in layer-major
             # order and split them, with no token-major copy to transpose.
             q = k // 8
@@ -312,7 +314,7 @@ class RouteBatch:
             out = _select(out, columns, rows)
             out = split_words(group_words(out), bits, dtype).view(*out.shape[:2], k)
         else:  # decode_indices marks the missing tokens
-            full = self.decode_indices(dtype)
+            full = self.decode_indices(dtype) if decoded is None else decoded
             # Move each (token, layer)'s k ids as the widest words that hold them exactly (E =
             # 256, k = 8: one int64 per (token, layer) instead of a byte-wise transpose).
             size, offset = k * full.element_size(), full.storage_offset() * full.element_size()

@@ -34,6 +34,7 @@ from megatron_pr2.residency import (
     cache_torch_dtype,
     check_missing,
     decode_host,
+    decode_many,
     own_rows,
     reorder_rows,
 )
@@ -102,6 +103,7 @@ class RoutingSession:
         self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
         self._checked: Dict[int, Tuple[TokenLayout, Optional[torch.Tensor]]] = {}  # check's rows
         self._local: Dict[int, HostRoutes] = {}
+        self._predecoded: Dict[int, torch.Tensor] = {}  # decode_all's joint decode, until used
         self._cuda_records = False
         self.residency: Optional[Residency] = None
         if routes is not None and routers:  # a dense stage only joins the agreement
@@ -263,8 +265,10 @@ class RoutingSession:
     def decode_all(self) -> None:
         """routing() entry, after the agreement validated every microbatch on every rank:
         decode each once (the dispatch plan and the forwards share it)."""
+        self._predecoded = dict(enumerate(decode_many(self.routes) or []))
         for microbatch in range(len(self.routes)):
             self.decode(microbatch, self.entry_layout(microbatch), self.routers[0])
+        self._predecoded = {}
 
     def _decode(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, rows: Optional[torch.Tensor]
@@ -276,7 +280,9 @@ class RoutingSession:
         own = self._full_layouts.get((batch.num_tokens, 1)) if batch.token_index is None else None
         same_rows = layout is own or layout.token_index is batch.token_index
         pin = router.weight.is_cuda
-        local = decode_host(batch, layout, self._layer_ids, microbatch, dtype, pin, same_rows, rows)
+        decoded = self._predecoded.pop(microbatch, None)  # (decode_all: all at once)
+        args = (batch, layout, self._layer_ids, microbatch, dtype, pin, same_rows, rows, decoded)
+        local = decode_host(*args)
         local.has_missing = has_missing
         return local
 
