@@ -23,7 +23,8 @@
 # microbatch: a context's entry (route decoding, session set-up) is amortised over K router
 # calls here, over M microbatches x L layers in a real step.
 #
-# Op counts (per variant, router fwd+bwd): compute ops of one router call inside a context
+# Op counts (per variant, router fwd+bwd, and router fwd under no_grad when --parts has
+# router_fwd): compute ops of one router call inside a context
 # (the marginal cost of microbatch K+1 over K: the hot path) and of the context itself (entry,
 # exit and packing, once per context).
 #
@@ -442,28 +443,31 @@ def count_ops(run: Callable[[], None], between: Callable[[], None]) -> Dict[str,
     return _op_counts(prof)
 
 
-def count_call_ops(bench: "Bench", name: str) -> Dict[str, int]:
-    """Router fwd+bwd ops of variant `name`: of one router call in the middle of a context (the
-    second of three microbatches, gradients cleared before each, so no accumulation op: the hot
-    path), and of the rest of a one-microbatch context (entry, binding, exit, packing)."""
+def count_call_ops(bench: "Bench", name: str, grad: bool = True) -> Dict[str, int]:
+    """Router fwd+bwd ops of variant `name` (grad=False: router fwd under no_grad): of one router
+    call in the middle of a context (the second of three microbatches, gradients cleared before
+    each, so no accumulation op: the hot path), and of the rest of a one-microbatch context
+    (entry, binding, exit, packing)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     layer, context, post = bench.variant(name)
     bench.microbatches = 3
-    with context() as handle:
+    with torch.set_grad_enabled(grad), context() as handle:
         for step in range(3):
             bench.zero_grads()
             profiled = step == 1
             profiler = torch_profile(activities=[ProfilerActivity.CPU])
             with profiler if profiled else contextlib.nullcontext():
                 probs, _ = layer.router(bench.x)
-                probs.backward(bench.grad_probs.to(probs.dtype))
+                if grad:
+                    probs.backward(bench.grad_probs.to(probs.dtype))
             if profiled:
                 call = _op_counts(profiler)
         post(handle)
     bench.zero_grads()
-    whole = count_ops(bench.job(name, "router", microbatches=1), bench.zero_grads)
+    part = "router" if grad else "router_fwd"
+    whole = count_ops(bench.job(name, part, microbatches=1), bench.zero_grads)
     bench.microbatches = bench.args.microbatches
     return dict(call, **{f"context_{key}": whole[key] - call[key] for key in call})
 
@@ -693,6 +697,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     f"{counts[name]['context_host_syncs']:3d}"
                 )
             entry["op_counts"] = counts
+            if "router_fwd" in parts:
+                counts_fwd = {}
+                print(f"[{shape.name}] router fwd under no_grad: the same counts")
+                for name in variants:
+                    counts_fwd[name] = count_call_ops(bench, name, grad=False)
+                    print(
+                        f"  {name:26s} compute ops {counts_fwd[name]['compute_ops']:4d}   "
+                        f"host syncs {counts_fwd[name]['host_syncs']:3d}   per context: compute "
+                        f"ops {counts_fwd[name]['context_compute_ops']:4d}   host syncs "
+                        f"{counts_fwd[name]['context_host_syncs']:3d}"
+                    )
+                entry["op_counts_fwd"] = counts_fwd
         if args.profile:
             names = [v for v in args.profile.split(",") if v]
             profile(bench, names, args.profile_part, args.profile_iterations, args.profile_rows)

@@ -28,10 +28,16 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
         weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
         return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-count) % 8)]).view(-1, 8)
-    words = (flat << (torch.arange(8, device=flat.device) * bits)).sum(dim=1)
-    byte_shifts = torch.arange(bits, device=flat.device) * 8
-    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    if count % 8:
+        flat = torch.cat([flat, flat.new_zeros((-count) % 8)])
+    words = (flat.view(-1, 8) << torch.arange(0, 8 * bits, bits, device=flat.device)).sum(dim=1)
+    if sys.byteorder == "little":
+        # A word's low `bits` bytes are its first bytes in memory: one strided copy instead of a
+        # shift, mask and cast per byte (the packing runs once per recorded microbatch).
+        packed = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+    else:
+        byte_shifts = torch.arange(bits, device=flat.device) * 8
+        packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return packed[: -(-count * bits // 8)]
 
 
@@ -66,6 +72,6 @@ def group_words(window: torch.Tensor) -> torch.Tensor:
 def split_words(words: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """[..., 1] int64 words -> [..., 8] values of `bits` (< 8) bits each, low bits first, in
     `dtype`. The uint8 cast keeps each shifted word's low byte (a wrap), then the mask."""
-    values = (words >> (torch.arange(8, device=words.device) * bits)).to(torch.uint8)
+    values = (words >> torch.arange(0, 8 * bits, bits, device=words.device)).to(torch.uint8)
     values &= (1 << bits) - 1
     return values if dtype == torch.uint8 else values.to(dtype)

@@ -10,17 +10,26 @@
 # On CUDA the copies are non_blocking into pinned memory: no host sync per microbatch or layer,
 # one stream sync when the handle packs the routes (RoutingSession.recorded_routes).
 
-from typing import List, Optional
+import functools
+import math
+from typing import List, Optional, Tuple, Union
 
 import torch
 
+from megatron_pr2.bitpack import bits_for, pack_bits
 from megatron_pr2.config import PR2Config, stride_for
 from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import shard_identity
 from megatron_pr2.residency import cache_torch_dtype
 from megatron_pr2.route_answer import Recorded
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
+from megatron_pr2.routes import (
+    PredictorCache,
+    RouteBatch,
+    TokenLayout,
+    narrowest_int_dtype,
+    shared_full_layout,
+)
 
 
 def cache_rows(
@@ -75,13 +84,25 @@ def microbatch_cache_tokens(
     return int(cache_rows(full, cache_tokens_per_sequence, eligible).numel())
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_cache_rows(seq_length: int, batch_size: int, cache_tokens: int) -> torch.Tensor:
+    # Read-only like the layout it indexes: its users gather with it, none writes it.
+    return cache_rows(shared_full_layout(seq_length, batch_size), cache_tokens)
+
+
 def record_cache_rows(
     layout: TokenLayout,
     config: PR2Config,
     cache_mask: Optional[List[torch.Tensor]],
     microbatch: int,
+    shared: bool = False,
 ) -> torch.Tensor:
-    """cache_rows of one recorded microbatch, with its entry of routing(cache_mask=)."""
+    """cache_rows of one recorded microbatch, with its entry of routing(cache_mask=). shared: the
+    layout is a shared_full_layout, whose rows without a mask are computed once per run, not at
+    every routing() entry."""
+    if shared and cache_mask is None:
+        batch_size = layout.num_tokens // layout.seq_length
+        return _shared_cache_rows(layout.seq_length, batch_size, config.cache_tokens_per_sequence)
     eligible = None
     if cache_mask is not None:
         if microbatch >= len(cache_mask):
@@ -97,7 +118,7 @@ def host_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torc
     """`tensor` on the host in `dtype` (converted on its device first, so only the narrow bytes
     travel). CUDA: a non_blocking copy into pinned memory, valid once the current stream has
     synchronised; elsewhere the converted tensor itself."""
-    if dtype is not None:
+    if dtype is not None and tensor.dtype != dtype:  # (a no-op .to still costs a dispatch)
         tensor = tensor.to(dtype)
     if tensor.device.type != "cuda":
         return tensor
@@ -124,38 +145,100 @@ def _stack_layers(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, dim=1)
 
 
+def canonical_order(layout: TokenLayout) -> Optional[torch.Tensor]:
+    """The permutation that puts the rows of a full layout in canonical token order, None when
+    they already are (one sequence, or a layout made so): then no row gather at all."""
+    token_index = layout.token_index
+    if torch.equal(token_index, torch.arange(token_index.numel())):
+        return None
+    return torch.argsort(token_index)
+
+
+def record_layers(routers: List[PR2Router]) -> Tuple[torch.Tensor, bool]:
+    """MoE-layer ids of `routers` (sorted by id) and whether they are all of the model's."""
+    layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+    all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(routers[0].config))))
+    return layer_ids, all_layers
+
+
+def pack_microbatches(
+    indices: List[torch.Tensor], num_experts: int
+) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """(packed ids, [L, E] int32 expert_counts) of each [T, L, k] host tensor of `indices`, made
+    with one pack_bits and one bincount for all of them instead of a few small ops each (the
+    record pass packs M microbatches at once). The same bytes as RouteBatch packs itself: a
+    microbatch of a multiple of 8 ids is whole groups of the joint stream. None where that does
+    not hold (other shapes, device tensors): RouteBatch packs each then."""
+    shape = indices[0].shape
+    if (
+        len(indices) < 2
+        or math.prod(shape) % 8
+        or any(t.shape != shape or t.device.type != "cpu" for t in indices)
+    ):
+        return None
+    M, L = len(indices), shape[1]
+    stacked = torch.stack(indices)  # [M, T, L, k]
+    packed = pack_bits(stacked, bits_for(num_experts)).view(M, -1)
+    # Key of (microbatch, layer column, expert): one bincount counts every microbatch.
+    offsets = (
+        torch.arange(M).view(M, 1, 1, 1) * L + torch.arange(L).view(1, 1, L, 1)
+    ) * num_experts
+    keys = (stacked.to(torch.int64) + offsets).reshape(-1)
+    counts = torch.bincount(keys, minlength=M * L * num_experts).view(M, L, num_experts)
+    counts = counts.to(torch.int32)
+    # Copies, not views of the joint tensors: a RouteBatch saved or sent alone carries its own
+    # bytes only.
+    return [(packed[m].clone(), counts[m].clone()) for m in range(M)]
+
+
+def ordered_indices(
+    records: List[Recorded], layout: TokenLayout, order: Union[torch.Tensor, None, str] = "compute"
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """indices and dropped [T_local, L_local, k] of one microbatch's records (sorted by MoE-layer
+    id), rows in canonical token order when this rank saw every token. order: canonical_order
+    of the layout when the caller has it."""
+    indices = _stack_layers([rec.top_indices for rec in records])
+    dropped = None
+    if records[0].dropped is not None:
+        dropped = _stack_layers([rec.dropped for rec in records])
+    if layout.is_full():
+        if isinstance(order, str):
+            order = canonical_order(layout)
+        if order is not None:
+            indices = indices.index_select(0, order)
+            dropped = None if dropped is None else dropped.index_select(0, order)
+    return indices, dropped
+
+
 def assemble_record(
     routers: List[PR2Router],
     records: List[Recorded],
     layout: TokenLayout,
     cached_rows: Optional[torch.Tensor],
     cached_tokens: Optional[int] = None,
+    layers: Optional[Tuple[torch.Tensor, bool]] = None,
+    ordered: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    packed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> RouteBatch:
     """The RouteBatch of one microbatch from the records of `routers` (sorted by MoE-layer id):
     indices [T_local, L_local, k] in canonical token order when this rank saw every token.
     The records are host copies already (host_record). A shard of a token-split layout
-    carries its identity (with cached_tokens, the microbatch's cache size)."""
-    layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
+    carries its identity (with cached_tokens, the microbatch's cache size). `layers`
+    (record_layers), `ordered` (ordered_indices) and `packed` (pack_microbatches) when the
+    caller made them for several microbatches at once (assemble_records)."""
+    layer_ids, all_layers = record_layers(routers) if layers is None else layers
     config = routers[0].config
-    all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(config))))
-    indices = _stack_layers([rec.top_indices for rec in records])
-    dropped = None
-    if records[0].dropped is not None:
-        dropped = _stack_layers([rec.dropped for rec in records])
+    indices, dropped = ordered_indices(records, layout) if ordered is None else ordered
     cache = None
     if records[0].hidden is not None:
         cache = PredictorCache(
-            token_index=layout.token_index[cached_rows],
+            token_index=layout.token_index.index_select(0, cached_rows),
             hidden=_stack_layers([rec.hidden for rec in records]),
             logits=_stack_layers([rec.logits for rec in records]),
         )
     token_index = layout.token_index
     identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
-    if layout.is_full():
-        # This rank saw every token: store rows in canonical order.
-        order = torch.argsort(token_index)
-        indices = indices[order]
-        dropped = None if dropped is None else dropped[order]
+    if layout.is_full():  # rows in canonical order (ordered_indices)
         token_index, identity = None, None
     return RouteBatch(
         indices,
@@ -168,4 +251,31 @@ def assemble_record(
         cache=cache,
         identity=identity,
         trusted=True,  # the routers' own top-k and layout: nothing to validate per value
+        packed=packed,
     )
+
+
+def assemble_records(
+    routers: List[PR2Router],
+    records: List[List[Recorded]],
+    layouts: List[TokenLayout],
+    cached_rows: List[Optional[torch.Tensor]],
+    cached_tokens: List[Optional[int]],
+) -> List[RouteBatch]:
+    """assemble_record of every recorded microbatch (records[m]: microbatch m's records of
+    `routers`, sorted by MoE-layer id), with the layer ids, each layout's canonical order and
+    the bit packing made once for all of them."""
+    layers, orders = record_layers(routers), {}  # orders: per layout object (ids unique)
+    ordered = []
+    for recs, layout in zip(records, layouts):
+        if layout.is_full() and id(layout) not in orders:
+            orders[id(layout)] = canonical_order(layout)
+        ordered.append(ordered_indices(recs, layout, orders.get(id(layout))))
+    packs = pack_microbatches(
+        [indices for indices, _ in ordered], routers[0].config.num_moe_experts
+    )
+    packs = packs or [None] * len(ordered)
+    return [
+        assemble_record(routers, *args, layers, done, pack)
+        for *args, done, pack in zip(records, layouts, cached_rows, cached_tokens, ordered, packs)
+    ]

@@ -28,8 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_pr2.bitpack import bits_for, unpack_bits
 from megatron_pr2.config import PR2Config
-from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout
+from megatron_pr2.routes import PredictorCache, RouteBatch, TokenLayout, narrowest_int_dtype
 
 
 def cache_torch_dtype(config: PR2Config) -> torch.dtype:
@@ -78,12 +79,14 @@ def decode_host(
     pin: bool,
     same_rows: bool = False,
     rows: Optional[torch.Tensor] = None,
+    decoded: Optional[torch.Tensor] = None,
 ) -> HostRoutes:
     """`batch` decoded for the router rows of `layout` and the MoE layers `layer_ids` (ascending:
     the session's columns), indices in `dtype`; pinned for CUDA uploads when `pin`.
     same_rows: the layout's rows are the batch's rows in order (no row gather): unsharded
     routes of one sequence, or a shard replayed on the layout it was cut for.
-    rows: batch.rows_for(layout.token_index) when the caller has it (session.check)."""
+    rows: batch.rows_for(layout.token_index) when the caller has it (session.check).
+    decoded: batch.decode_indices(dtype) when the caller has it (routes.decode_many)."""
     batch_layers = batch.layer_index
     if batch_layers is None:
         position_of = {layer: layer for layer in range(batch.num_layers)}
@@ -108,7 +111,7 @@ def decode_host(
 
     dropped = batch.dropped
     local = HostRoutes(
-        indices=batch.decode_layer_major(dtype, columns, rows),
+        indices=batch.decode_layer_major(dtype, columns, rows, decoded),
         dropped=None if dropped is None else layer_major(dropped),
         columns={layer: col for col, layer in enumerate(layer_ids)},
     )
@@ -130,6 +133,28 @@ def decode_host(
             if value is not None:
                 setattr(local, name, value.pin_memory())
     return local
+
+
+def decode_many(batches: List[RouteBatch]) -> Optional[List[torch.Tensor]]:
+    """decode_indices of every batch, in the narrowest integer dtype (the session's for routes
+    without missing tokens), with ONE unpack_bits instead of a few small ops each
+    (a replay entry decodes all microbatches): batches of one shape and expert count, no missing
+    token, a multiple of 8 ids each (whole groups of the joint stream). None otherwise, or where
+    decode_layer_major has its own grouped path (k a multiple of 8, fewer than 8 bits)."""
+    first = batches[0]
+    T, L, k = first.shape
+    bits = bits_for(first.num_experts)
+    if (
+        len(batches) < 2
+        or (T * L * k) % 8
+        or (bits < 8 and k % 8 == 0)
+        or any(b.shape != first.shape or b.num_experts != first.num_experts for b in batches)
+        or any(b._missing is not None for b in batches)  # (private: no decode to ask)
+    ):
+        return None
+    joint = torch.cat([b._packed for b in batches])
+    dtype = narrowest_int_dtype(first.num_experts)
+    return list(unpack_bits(joint, bits, len(batches) * T * L * k, dtype).view(-1, T, L, k))
 
 
 def cached_positions(

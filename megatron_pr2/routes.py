@@ -14,10 +14,11 @@
 # Expert ids are packed with ceil(log2(E)) bits each: k * ceil(log2 E) / 8 bytes per token per
 # layer, e.g. 7 bytes for top-8 of 128 experts instead of 32 for int32.
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -121,6 +122,7 @@ class RouteBatch:
         cache: Optional[PredictorCache] = None,
         identity: Optional[ShardIdentity] = None,
         trusted: bool = False,
+        packed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """Validate and pack `indices` [T, L, k] (integer tensor, values in [0, num_experts)).
 
@@ -129,6 +131,8 @@ class RouteBatch:
         value of 2 sets a neighbouring slot's bit, a duplicate token id lets the last row win).
         trusted=True (a record pass packing its own top-k: distinct ids in range, no missing
         token, distinct token ids from its layout) skips the checks that read every value.
+        packed: with trusted, (pack_bits of indices, expert_counts) made already for several
+        microbatches at once (records.pack_microbatches).
         """
         if indices.dim() != 3:
             raise ValueError(
@@ -142,17 +146,21 @@ class RouteBatch:
         self.num_experts = int(num_experts)
         self._missing = None
         if trusted:
-            self._packed = pack_bits(indices, bits_for(num_experts))
+            self._packed = (
+                pack_bits(indices, bits_for(num_experts)) if packed is None else packed[0]
+            )
         else:
             self._validate_and_pack(indices)
         # [L, E] int32 routed slots per (layer column, expert), counted here where the ids are
         # at hand: a replay on exactly these rows takes its dispatch plan's counts from it at
         # every routing() entry (one per mini-step of the same routes) instead of recounting.
-        self.expert_counts: Optional[torch.Tensor] = None
-        if indices.device.type == "cpu":
+        self.expert_counts: Optional[torch.Tensor] = None if packed is None else packed[1]
+        if indices.device.type == "cpu" and self.expert_counts is None:
             L, E = self.shape[1], self.num_experts
-            keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
-            keys = keys[indices >= 0] if self._missing is not None else keys.view(-1)
+            keys = indices  # one layer: the ids are the keys (bincount takes any integer dtype)
+            if L > 1:
+                keys = indices.to(torch.int64) + torch.arange(L).view(1, L, 1) * E
+            keys = keys[indices >= 0] if self._missing is not None else keys.reshape(-1)
             counts = torch.bincount(keys, minlength=L * E).view(L, E)
             self.expert_counts = counts.to(torch.int32)
         self._dropped = None
@@ -290,12 +298,14 @@ class RouteBatch:
         dtype: torch.dtype,
         columns: Optional[List[int]] = None,
         rows: Optional[torch.Tensor] = None,
+        decoded: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """[L', T', k] ids of layer columns `columns` and rows `rows` (None: all) in `dtype`
-        (-1 for missing tokens: a signed dtype then), one contiguous [T', k] block per column."""
+        (-1 for missing tokens: a signed dtype then), one contiguous [T', k] block per column.
+        decoded: decode_indices(dtype) when the caller has it (decode_many)."""
         T, L, k = self.shape
         bits = bits_for(self.num_experts)
-        if bits < 8 and k % 8 == 0:
+        if bits < 8 and k % 8 == 0 and decoded is None:
             # Whole groups of 8 ids per (token, layer): gather the groups' words in layer-major
             # order and split them, with no token-major copy to transpose.
             q = k // 8
@@ -304,7 +314,7 @@ class RouteBatch:
             out = _select(out, columns, rows)
             out = split_words(group_words(out), bits, dtype).view(*out.shape[:2], k)
         else:  # decode_indices marks the missing tokens
-            full = self.decode_indices(dtype)
+            full = self.decode_indices(dtype) if decoded is None else decoded
             # Move each (token, layer)'s k ids as the widest words that hold them exactly (E =
             # 256, k = 8: one int64 per (token, layer) instead of a byte-wise transpose).
             size, offset = k * full.element_size(), full.storage_offset() * full.element_size()
@@ -423,3 +433,11 @@ class TokenLayout:
     def is_full(self) -> bool:
         """True when this layout covers every canonical token (a permutation of 0..T-1)."""
         return self.token_index.numel() == self.num_tokens
+
+
+@functools.lru_cache(maxsize=8)
+def shared_full_layout(seq_length: int, batch_size: int) -> TokenLayout:
+    """TokenLayout.full shared by the routing() contexts of a run (every mini-step routes the
+    same shapes): built once, not at every entry. A layout is frozen and nothing writes its
+    token_index."""
+    return TokenLayout.full(seq_length, batch_size)

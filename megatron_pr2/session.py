@@ -23,7 +23,7 @@ import torch
 from megatron_pr2.model_index import router_layout
 from megatron_pr2.parallel.sharding import describe_layouts
 from megatron_pr2.records import (
-    assemble_record,
+    assemble_records,
     host_record,
     microbatch_cache_tokens,
     record_cache_rows,
@@ -34,12 +34,13 @@ from megatron_pr2.residency import (
     cache_torch_dtype,
     check_missing,
     decode_host,
+    decode_many,
     own_rows,
     reorder_rows,
 )
 from megatron_pr2.route_answer import Recorded, RouteAnswer
 from megatron_pr2.router import PR2Router
-from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype
+from megatron_pr2.routes import RouteBatch, TokenLayout, narrowest_int_dtype, shared_full_layout
 from megatron_pr2.telemetry import METRIC_NAMES, LayerStats
 
 MODES = ("off", "record", "predict_record", "replay")
@@ -102,6 +103,7 @@ class RoutingSession:
         self._decoded: Dict[int, Tuple[TokenLayout, HostRoutes]] = {}
         self._checked: Dict[int, Tuple[TokenLayout, Optional[torch.Tensor]]] = {}  # check's rows
         self._local: Dict[int, HostRoutes] = {}
+        self._predecoded: Dict[int, torch.Tensor] = {}  # decode_all's joint decode, until used
         self._cuda_records = False
         self.residency: Optional[Residency] = None
         if routes is not None and routers:  # a dense stage only joins the agreement
@@ -168,7 +170,7 @@ class RoutingSession:
         """TokenLayout.full, one object per shape (the same object at entry and forward)."""
         key = (seq_length, batch_size)
         if key not in self._full_layouts:
-            self._full_layouts[key] = TokenLayout.full(seq_length, batch_size)
+            self._full_layouts[key] = shared_full_layout(seq_length, batch_size)
         return self._full_layouts[key]
 
     def _layout_for(self, microbatch: int, hidden: torch.Tensor) -> TokenLayout:
@@ -263,8 +265,10 @@ class RoutingSession:
     def decode_all(self) -> None:
         """routing() entry, after the agreement validated every microbatch on every rank:
         decode each once (the dispatch plan and the forwards share it)."""
+        self._predecoded = dict(enumerate(decode_many(self.routes) or []))
         for microbatch in range(len(self.routes)):
             self.decode(microbatch, self.entry_layout(microbatch), self.routers[0])
+        self._predecoded = {}
 
     def _decode(
         self, microbatch: int, layout: TokenLayout, router: PR2Router, rows: Optional[torch.Tensor]
@@ -276,7 +280,9 @@ class RoutingSession:
         own = self._full_layouts.get((batch.num_tokens, 1)) if batch.token_index is None else None
         same_rows = layout is own or layout.token_index is batch.token_index
         pin = router.weight.is_cuda
-        local = decode_host(batch, layout, self._layer_ids, microbatch, dtype, pin, same_rows, rows)
+        decoded = self._predecoded.pop(microbatch, None)  # (decode_all: all at once)
+        args = (batch, layout, self._layer_ids, microbatch, dtype, pin, same_rows, rows, decoded)
+        local = decode_host(*args)
         local.has_missing = has_missing
         return local
 
@@ -375,7 +381,8 @@ class RoutingSession:
         held = self._rows_of_layout.get(id(layout)) if self.cache_mask is None else None
         if held is None or held[1].device != hidden.device:
             config = router.pr2_config
-            host = record_cache_rows(layout, config, self.cache_mask, microbatch)
+            shared = any(layout is full for full in self._full_layouts.values())
+            host = record_cache_rows(layout, config, self.cache_mask, microbatch, shared)
             total = None
             if not layout.is_full():  # a shard records C of the whole microbatch (identity)
                 eligible = None if self.cache_mask is None else self.cache_mask[microbatch]
@@ -425,16 +432,13 @@ class RoutingSession:
         calls = self.states[id(routers[0])].forward_calls
         if self._cuda_records:
             torch.cuda.synchronize()  # once: the records' non_blocking copies to the host
-        return [
-            assemble_record(
-                routers,
-                [self.states[id(r)].recorded[m] for r in routers],
-                self._layouts[m],
-                self._record_rows.get(m),
-                self._cached_tokens.get(m),
-            )
-            for m in range(calls)
-        ]
+        return assemble_records(
+            routers,
+            [[self.states[id(r)].recorded[m] for r in routers] for m in range(calls)],
+            [self._layouts[m] for m in range(calls)],
+            [self._record_rows.get(m) for m in range(calls)],
+            [self._cached_tokens.get(m) for m in range(calls)],
+        )
 
     def metrics(self) -> Dict[str, torch.Tensor]:
         """Per-layer means over the replayed tokens: name -> [L_local] (NaN where not measured)."""

@@ -93,6 +93,10 @@ def test_bench_router_json(router_run):
     assert abs(counts["megatron_replay"]["compute_ops"] - counts["stock"]["compute_ops"]) <= 2
     # Telemetry adds work to replay; it must never remove any.
     assert counts["pr2_replay+tel"]["compute_ops"] > counts["pr2_replay"]["compute_ops"]
+    # The same counts for the no-grad router forward (the RL record pass).
+    counts_fwd = entry["op_counts_fwd"]
+    assert counts_fwd["pr2_off"] == counts_fwd["stock"], counts_fwd
+    assert counts_fwd["stock"]["compute_ops"] < counts["stock"]["compute_ops"]
 
 
 def test_bench_storage(tmp_path):

@@ -327,3 +327,56 @@ def test_layer_major_decode_and_expert_counts(E, k, missing):
         ids = indices[:, layer].reshape(-1)
         counts = torch.bincount(ids[ids >= 0], minlength=E).to(torch.int32)
         assert torch.equal(batch.expert_counts[layer], counts)
+
+
+def test_pack_microbatches_matches_packing_each():
+    """The record pass packs its microbatches at once: the same bytes and expert counts as a
+    RouteBatch packing each alone, and tensors of their own (no view of the joint buffer)."""
+    from megatron_pr2.records import pack_microbatches
+
+    gen = torch.Generator().manual_seed(3)
+    for num_experts, topk, layers in ((8, 2, 1), (128, 8, 3), (300, 4, 2), (2, 1, 1)):
+        indices = [
+            torch.rand(16, layers, num_experts, generator=gen)
+            .topk(topk, dim=-1)[1]
+            .to(narrowest_int_dtype(num_experts))
+            for _ in range(3)
+        ]
+        packs = pack_microbatches(indices, num_experts)
+        assert packs is not None
+        for ids, (packed, counts) in zip(indices, packs):
+            alone = RouteBatch(ids, num_experts, trusted=True)
+            assert torch.equal(packed, alone._packed) and packed.dtype == alone._packed.dtype
+            assert torch.equal(counts, alone.expert_counts) and counts.dtype == torch.int32
+            assert packed.untyped_storage().nbytes() == packed.numel()
+            batch = RouteBatch(ids, num_experts, trusted=True, packed=(packed, counts))
+            assert torch.equal(batch.indices, ids.long())
+    odd = [torch.zeros(3, 1, 1, dtype=torch.uint8)] * 2  # 3 ids: not whole groups of 8
+    assert pack_microbatches(odd, 8) is None
+
+
+def test_decode_many_matches_decoding_each():
+    """A replay entry decodes its microbatches with one unpack: the same ids, dtype and shape as
+    decoding each; None where the joint stream does not apply (missing tokens, other shapes)."""
+    from megatron_pr2.residency import decode_many
+
+    gen = torch.Generator().manual_seed(4)
+    for num_experts, topk, layers in ((8, 2, 1), (128, 4, 3), (300, 4, 2)):
+        batches = [
+            RouteBatch(
+                torch.rand(16, layers, num_experts, generator=gen).topk(topk, dim=-1)[1],
+                num_experts,
+            )
+            for _ in range(3)
+        ]
+        dtype = narrowest_int_dtype(num_experts)
+        for batch, ids in zip(batches, decode_many(batches)):
+            assert torch.equal(ids, batch.decode_indices(dtype)) and ids.dtype == dtype
+            assert torch.equal(
+                batch.decode_layer_major(dtype, None, None, ids), batch.decode_layer_major(dtype)
+            )
+    ids = torch.rand(16, 1, 8, generator=gen).topk(2, dim=-1)[1]
+    with_missing = ids.clone()
+    with_missing[3] = -1  # token 3 has no route
+    pair = [RouteBatch(ids, 8), RouteBatch(with_missing, 8)]
+    assert decode_many(pair[:1] * 2) is not None and decode_many(pair) is None
