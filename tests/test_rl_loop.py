@@ -365,6 +365,8 @@ def test_config_validation():
         RLConfig(lr_warmup_iters=-1)
     with pytest.raises(ValueError, match="router_anchor"):
         RLConfig(router_anchor=-1.0)
+    with pytest.raises(ValueError, match="router_anchor"):
+        RLConfig(lr=1e-3, router_lr_mult=10.0, router_anchor=200.0)  # pulls 2x the deviation
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -155,8 +155,13 @@ class RLConfig:
                 "RLConfig.lr_decay_style must be 'constant' or 'cosine', "
                 f"got {self.lr_decay_style!r}"
             )
-        if not self.router_anchor >= 0.0:
-            raise ValueError(f"RLConfig.router_anchor must be >= 0, got {self.router_anchor}")
+        if not 0.0 <= self.lr * self.router_lr_mult * self.router_anchor <= 1.0:
+            # A pull above the whole deviation would overshoot the warm start at every step.
+            raise ValueError(
+                f"RLConfig.router_anchor={self.router_anchor} must be >= 0 with lr x "
+                f"router_lr_mult x router_anchor <= 1 (lr={self.lr}, "
+                f"router_lr_mult={self.router_lr_mult})"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"RLConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.lab_dump_fraction <= 1.0:
@@ -256,7 +261,10 @@ class RLTrainer:
         ]
         self._policy_params = [p for p in self.model.parameters() if not is_predictor_param(p)]
         self.step_index = 0
-        self._router_anchors = [r.weight.detach().clone() for r in pr2_routers(self.model)]
+        # The routers' warm start (the weights this trainer starts from, also on resume).
+        self._router_anchors = [
+            r.weight.detach().clone() for r in pr2_routers(self.model) if cfg.router_anchor > 0
+        ]
         # Router-weight change over the previous rollout batch (per router), for the drift
         # telemetry: how alike consecutive batches' drifts are is what a predictor can exploit.
         self._last_router_drift: Optional[List[torch.Tensor]] = None
