@@ -23,6 +23,8 @@
 #   linear@lr            the paper's head (kl-post), AdamW at absolute lr (also lowrank, bias)
 #   linear-sgd@lr        the same head trained by plain SGD (linear-sgdm: momentum 0.9)
 #   linear-sgdupdate@lr  PR2Config.predictor_update="sgd" (AdamW, beta1 0, eps 1): ~ linear-sgd
+#   linear-decay@lr:wd   the same with PR2Config.predictor_weight_decay wd: every update first
+#                        shrinks W_p by lr x wd of itself (1 - lr x wd of the past is kept)
 #   linear-eps@lr:eps    AdamW with epsilon eps: far above |gradient| it is momentum SGD at
 #                        lr / eps (the regime of the paper's 30B runs, whose predictor
 #                        gradients are tiny)
@@ -70,6 +72,11 @@ DEFAULT_VARIANTS = (
     "hindsight:linear@1e-5",
     "linear-sgd@0.1",
     "linear-sgd@1",
+    "linear-sgdupdate@0.3",
+    "linear-decay@0.3:1",
+    "linear-decay@0.3:3",
+    "linear-decay@0.3:3.33",
+    "linear-decay@0.1:9",
     "lowrank@1e-5",
     "bias@1e-5",
     "delta-kl@1e-5",
@@ -157,9 +164,11 @@ def learned(
     pull: float = 0.0,
     eps: float = 1e-8,
     update: str = "adam",
+    weight_decay: float = 0.0,
 ) -> Variant:
     """The library's predictor module per layer, trained like the RL loop trains it. `base`: a
-    fixed offset under the learned one; `pull`: weight of ||W_p - W_lookahead@0.5||^2."""
+    fixed offset under the learned one; `pull`: weight of ||W_p - W_lookahead@0.5||^2;
+    `weight_decay`: PR2Config.predictor_weight_decay (AdamW's decoupled decay)."""
     layers, hidden, experts = shape
     config = PR2Config(predictor=kind, loss=loss)
     heads = torch.nn.ModuleList([build_predictor(config, hidden, experts) for _ in range(layers)])
@@ -167,7 +176,7 @@ def learned(
     if optimizer == "adamw":
         # The RL loop's group: AdamW, or with predictor_update "sgd" beta1 0 and eps 1.
         hyper = {"betas": (0.9, 0.999), "eps": eps, **predictor_update_hyperparameters(update)}
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **hyper)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **hyper)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9 if optimizer == "sgdm" else 0.0)
     anchor = lookahead(name + "/anchor", 0.5, experts)
@@ -293,6 +302,7 @@ def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
             meta["loss"],
             clip,
             update=meta.get("predictor_update", "adam"),
+            weight_decay=float(meta.get("predictor_weight_decay", 0.0)),
         )
     if kind == "r2":
         return Variant(name, lambda h, record, i: _zero(h, experts))
@@ -313,6 +323,12 @@ def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
     if kind == "linear-sgdupdate":
         # What PR2Config.predictor_update="sgd" runs: AdamW with beta1 0 and eps 1.
         return learned(name, "linear", values[0], shape, grad_clip=clip, update="sgd")
+    if kind == "linear-decay":
+        # The RL loop's "sgd" update with PR2Config.predictor_weight_decay = values[1].
+        decay = values[1] if len(values) > 1 else 0.0
+        return learned(
+            name, "linear", values[0], shape, grad_clip=clip, update="sgd", weight_decay=decay
+        )
     if kind == "linear-sgdm":
         return learned(name, "linear", values[0], shape, grad_clip=clip, optimizer="sgdm")
     if kind == "linear-eps":

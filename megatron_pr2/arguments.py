@@ -24,7 +24,7 @@ from megatron_pr2.config import (
     PREDICTOR_UPDATES,
     PR2Config,
 )
-from megatron_pr2.optim import predictor_update_hyperparameters
+from megatron_pr2.optim import check_predictor_decay, predictor_update_hyperparameters
 from megatron_pr2.phases import STRATEGIES
 
 _CHOICES = {
@@ -126,6 +126,7 @@ def pr2_optimizer_config_overrides(
     alpha: float,
     config_overrides: Optional[dict] = None,
     predictor_update: str = "adam",
+    predictor_weight_decay: float = 0.0,
 ) -> dict:
     """`config_overrides` for get_megatron_optimizer with the PR2 predictor at alpha x lr.
 
@@ -135,8 +136,11 @@ def pr2_optimizer_config_overrides(
     get_megatron_optimizer would apply itself when given None. The input dict is not modified.
 
     Predictor parameters (attribute `pr2_predictor`, set by PR2Router) get max_lr = alpha x lr,
-    min_lr = alpha x min_lr (so warmup and decay follow the base schedule, scaled) and no weight
-    decay (decay would pull the drift estimate back towards R2).
+    min_lr = alpha x min_lr (so warmup and decay follow the base schedule, scaled) and weight decay
+    `predictor_weight_decay` (PR2Config; 0 in the paper). Megatron's scheduler sets a group's
+    weight decay to its wd_mult x the scheduled --weight-decay at every step, so a nonzero value
+    is a wd_mult of predictor_weight_decay / --weight-decay (and follows a weight-decay schedule
+    proportionally); it needs --weight-decay > 0.
     """
     from megatron.core.optimizer import ParamKey, get_standard_config_overrides
 
@@ -149,7 +153,19 @@ def pr2_optimizer_config_overrides(
     merged = dict(config_overrides)
     # `pr2_predictor` marks the group (the distributed optimizer's fp32 shards lose the param
     # tag) for optim.predictor_step_frozen.
-    override = {"max_lr": alpha * optimizer_config.lr, "wd_mult": 0.0, "pr2_predictor": True}
+    check_predictor_decay(
+        alpha * optimizer_config.lr, predictor_weight_decay, flag_of("predictor_weight_decay")
+    )
+    wd_mult = 0.0
+    if predictor_weight_decay > 0:
+        if not optimizer_config.weight_decay:
+            raise ValueError(
+                f"--pr2-predictor-weight-decay={_format_value(predictor_weight_decay)} needs "
+                f"--weight-decay > 0 (got {optimizer_config.weight_decay}): Megatron scales a "
+                "group's weight decay as a multiple (wd_mult) of it"
+            )
+        wd_mult = predictor_weight_decay / optimizer_config.weight_decay
+    override = {"max_lr": alpha * optimizer_config.lr, "wd_mult": wd_mult, "pr2_predictor": True}
     # PR2Config.predictor_update: per-group Adam hyperparameters (Megatron's Adam reads them).
     override.update(predictor_update_hyperparameters(predictor_update))
     if optimizer_config.min_lr is not None:
@@ -180,7 +196,11 @@ def megatron_optimizer_kwargs(
     pr2 = pr2_config_from_args(args)
     return {
         "config_overrides": pr2_optimizer_config_overrides(
-            optimizer_config, pr2.alpha, config_overrides, pr2.predictor_update
+            optimizer_config,
+            pr2.alpha,
+            config_overrides,
+            pr2.predictor_update,
+            pr2.predictor_weight_decay,
         )
     }
 

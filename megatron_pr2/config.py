@@ -61,6 +61,15 @@ class PR2Config:
     At the paper's 30B scale the predictor gradients are far below Adam's eps = 1e-8, where
     Adam also reduces to (momentum) gradient descent."""
 
+    predictor_weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay of the predictor's param group: every optimizer step at
+    predictor lr alpha x lr first shrinks W_p by the fraction alpha x lr x predictor_weight_decay
+    (at most 1), so the head forgets the drift of earlier batches at that rate. 0 (the paper):
+    W_p accumulates every batch's drift; where the router's drift does not persist from batch to
+    batch (a router pulled back towards its start), the accumulated part predicts the wrong
+    direction (measured: benchmarks/predictor_lab.py, README). Not applied on steps where the
+    predictor is frozen (mini-steps before loss_start_ministep: lr 0)."""
+
     cache_tokens_per_sequence: int = 64
     """Tokens per sequence whose (h_old, p_old) the predict_record pass caches for the predictor
     loss, sub-sampled uniformly along the sequence (a fixed stride). 0 disables the cache (the
@@ -112,13 +121,15 @@ class PR2Config:
             raise bad("missing_route_policy", f"must be one of {MISSING_ROUTE_POLICIES}")
         if self.predictor_rank < 1:
             raise bad("predictor_rank", "must be an integer >= 1")
-        for name in ("lookahead_scale", "loss_coeff", "alpha"):
+        for name in ("lookahead_scale", "loss_coeff", "alpha", "predictor_weight_decay"):
             if not math.isfinite(getattr(self, name)):
                 raise bad(name, "must be finite")
         if not self.lookahead_scale > 0:
             raise bad("lookahead_scale", "must be > 0")
         if not self.alpha > 0:
             raise bad("alpha", "must be > 0")
+        if not self.predictor_weight_decay >= 0:
+            raise bad("predictor_weight_decay", "must be >= 0")
         if not self.loss_coeff >= 0:
             raise bad("loss_coeff", "must be >= 0")
         if self.cache_tokens_per_sequence < -1:

@@ -32,20 +32,38 @@ def predictor_update_hyperparameters(update: str) -> dict:
     raise ValueError(f"predictor_update={update!r}: must be 'adam' or 'sgd'")
 
 
+def check_predictor_decay(
+    predictor_lr: float,
+    predictor_weight_decay: float,
+    name: str = "PR2Config.predictor_weight_decay",
+) -> None:
+    """Decoupled weight decay shrinks W_p by predictor_lr x predictor_weight_decay per step: a
+    fraction above 1 would flip its sign. `name`: the setting as the user wrote it."""
+    if predictor_lr * predictor_weight_decay > 1.0:
+        raise ValueError(
+            f"{name}={predictor_weight_decay:g}: with predictor lr "
+            f"{predictor_lr:g} (alpha x lr) it would shrink W_p by "
+            f"{predictor_lr * predictor_weight_decay:g} of itself per step (at most 1)"
+        )
+
+
 def predictor_param_groups(
     model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
     base_lr: float,
     alpha: float,
     weight_decay: float = 0.0,
     update: str = "adam",
+    predictor_weight_decay: float = 0.0,
 ) -> List[dict]:
     """Param groups: every other parameter at base_lr, predictor parameters at alpha x base_lr
     (with the Adam hyperparameters of `update`, PR2Config.predictor_update).
 
-    The predictor group has no weight decay: decay would pull the drift estimate back to R2.
+    The predictor group's weight decay is `predictor_weight_decay` (PR2Config; 0 in the paper),
+    not the model's `weight_decay`.
     """
     if not alpha > 0:
         raise ValueError(f"predictor_param_groups alpha={alpha!r}: must be > 0")
+    check_predictor_decay(base_lr * alpha, predictor_weight_decay)
     chunks = model if isinstance(model, (list, tuple)) else [model]
     predictor, rest = [], []
     for chunk in chunks:
@@ -58,7 +76,7 @@ def predictor_param_groups(
             {
                 "params": predictor,
                 "lr": base_lr * alpha,
-                "weight_decay": 0.0,
+                "weight_decay": predictor_weight_decay,
                 "pr2_predictor": True,
                 **predictor_update_hyperparameters(update),
             }

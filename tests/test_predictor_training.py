@@ -245,3 +245,56 @@ def test_sgd_predictor_update_is_gradient_descent_inside_adamw():
     (override,) = overrides.values()
     assert override["betas"] == (0.0, 0.999) and override["eps"] == 1.0
     assert override["pr2_predictor"] is True and override["max_lr"] == pytest.approx(1e-3)
+
+
+def test_predictor_weight_decay_shrinks_w_p_before_the_step():
+    """predictor_weight_decay: each step keeps (1 - lr x wd) of W_p, then adds the gradient
+    step; the model's weight decay does not reach the predictor; a shrink above 1 is refused
+    (by both optimizer routes, naming the setting)."""
+    from megatron_pr2.arguments import pr2_optimizer_config_overrides
+    from megatron_pr2.optim import predictor_param_groups
+
+    torch.manual_seed(0)
+    model = _predictor_model()
+    groups = predictor_param_groups(
+        model, 1e-3, 300.0, weight_decay=0.5, update="sgd", predictor_weight_decay=3.0
+    )
+    (predictor_group,) = [g for g in groups if g.get("pr2_predictor")]
+    assert predictor_group["weight_decay"] == 3.0
+    assert all(g["weight_decay"] == 0.5 for g in groups if not g.get("pr2_predictor"))
+    opt = torch.optim.AdamW(groups)
+    w = torch.randn_like(model.predictor.weight) * 1e-3
+    with torch.no_grad():
+        model.predictor.weight.copy_(w)
+    g = torch.randn_like(w) * 1e-4
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.predictor.weight.grad = g.clone()
+    opt.step()
+    # lr 0.3 x wd 3 = 0.9 of W_p decays, then a plain gradient step at lr 0.3.
+    expected = w * (1 - 0.3 * 3.0) - 0.3 * g
+    torch.testing.assert_close(model.predictor.weight.detach(), expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="predictor_weight_decay=4: .* shrink W_p by 1.2"):
+        predictor_param_groups(model, 1e-3, 300.0, update="sgd", predictor_weight_decay=4.0)
+    from megatron_pr2 import PR2Config
+
+    with pytest.raises(ValueError, match="PR2Config.predictor_weight_decay=-1"):
+        PR2Config(predictor_weight_decay=-1.0)
+
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core.optimizer import OptimizerConfig
+
+    config = OptimizerConfig(lr=1e-4, weight_decay=0.1)
+    (override,) = pr2_optimizer_config_overrides(config, 3000.0, {}, "sgd", 3.0).values()
+    # Megatron's scheduler sets weight_decay = wd_mult x --weight-decay at every step.
+    assert override["wd_mult"] * config.weight_decay == pytest.approx(3.0)
+    (override,) = pr2_optimizer_config_overrides(config, 3000.0, {}, "sgd").values()
+    assert override["wd_mult"] == 0.0
+    with pytest.raises(ValueError, match="--pr2-predictor-weight-decay=3 needs --weight-decay"):
+        pr2_optimizer_config_overrides(
+            OptimizerConfig(lr=1e-4, weight_decay=0.0), 3000.0, {}, "sgd", 3.0
+        )
+    with pytest.raises(ValueError, match="--pr2-predictor-weight-decay=4: .* shrink"):
+        pr2_optimizer_config_overrides(config, 3000.0, {}, "sgd", 4.0)

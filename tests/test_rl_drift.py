@@ -91,17 +91,26 @@ def test_predictor_does_not_move_at_ministep_1(setup, tmp_path):
     assert moved == [False, True] * 3
 
 
-def test_lab_reproduces_the_run_it_dumped(setup, tmp_path):
+@pytest.mark.parametrize("update, decay", [("adam", 0.0), ("sgd", 30.0)])
+def test_lab_reproduces_the_run_it_dumped(setup, tmp_path, update, decay):
     """The lab trains the run's own predictor on the dumped tokens (all of them): its W_p at
-    every old pass and its predicted-route accuracy match the run's."""
+    every old pass and its predicted-route accuracy match the run's, with the paper's AdamW
+    update and with the gradient-descent update under predictor weight decay."""
     from benchmarks.predictor_lab import build_variant, load_dump, simulate, summarize
 
-    trainer = _trainer(setup, tmp_path, "pr2", steps=4, lab_dump_fraction=1.0)
+    pr2 = PR2Config(
+        alpha=10.0,
+        cache_tokens_per_sequence=64,
+        predictor_update=update,
+        predictor_weight_decay=decay,
+    )
+    trainer = _trainer(setup, tmp_path, "pr2", steps=4, lab_dump_fraction=1.0, pr2=pr2)
     history = trainer.train(progress=False)
     records = load_dump(str(tmp_path))
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     meta = records[0]["meta"]
     assert meta["predictor_lr"] == pytest.approx(1e-2) and meta["loss"] == "kl-post"
+    assert meta["predictor_weight_decay"] == decay and meta["predictor_update"] == update
     shape = records[0]["h_old"].shape[1:] + records[0]["p_old"].shape[-1:]
     variant = build_variant("run", meta, shape)
     seen = []

@@ -40,9 +40,16 @@ def import_megatron_training() -> Any:
 
 
 def pr2_optimizer_overrides_from_args(optimizer_config: Any, config_overrides: Optional[dict]):
-    """config_overrides with the predictor at --pr2-alpha x lr (Megatron-LM's global args)."""
-    alpha = pr2_config_from_args(megatron_lm_args()).alpha
-    return pr2_optimizer_config_overrides(optimizer_config, alpha, config_overrides)
+    """config_overrides with the predictor at --pr2-alpha x lr, --pr2-predictor-update and
+    --pr2-predictor-weight-decay (Megatron-LM's global args)."""
+    pr2 = pr2_config_from_args(megatron_lm_args())
+    return pr2_optimizer_config_overrides(
+        optimizer_config,
+        pr2.alpha,
+        config_overrides,
+        pr2.predictor_update,
+        pr2.predictor_weight_decay,
+    )
 
 
 def log_pr2_metrics(iteration: int, total_loss_dict: Optional[dict] = None) -> Dict[str, float]:

@@ -93,6 +93,11 @@ class Preset:
     preset; with the anchored router no lr of the linear head beats R2 (README)."""
     predictor_update: str = "sgd"
     """PR2Config.predictor_update of the learned predictors."""
+    predictor_weight_decay: float = 3.0
+    """PR2Config.predictor_weight_decay of the learned predictors: at predictor lr 0.3 each
+    update keeps 10% of W_p before adding its gradient step, so the head predicts from the
+    last batch's drift instead of the sum of every earlier batch's (under the anchor the router's
+    drift does not persist over batches; chosen with the predictor lab, README)."""
     seeds: tuple = (0, 1, 2)
     """RL seeds of the comparison."""
     n1_steps: int = 4
@@ -156,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="GRPO samples per prompt")
     p.add_argument("--lr", type=float, default=None, help="RL base learning rate")
     p.add_argument("--alpha", type=float, default=None, help="PR2 predictor lr multiplier")
+    p.add_argument(
+        "--predictor-weight-decay",
+        type=float,
+        default=None,
+        help="PR2Config.predictor_weight_decay of the learned predictors (preset default 3)",
+    )
     p.add_argument(
         "--predictor",
         choices=PREDICTORS,
@@ -254,6 +265,7 @@ def resolve_preset(args) -> Preset:
         ("group_size", "group_size"),
         ("lr", "lr"),
         ("alpha", "alpha"),
+        ("predictor_weight_decay", "predictor_weight_decay"),
         ("sft_steps", "sft_steps"),
         ("sft_label_noise", "sft_label_noise"),
         ("num_digits", "num_digits"),
@@ -332,6 +344,7 @@ def _configs(preset: Preset, job: dict):
             loss=job.get("pr2_loss", "kl-post"),
             alpha=preset.alpha,
             predictor_update=preset.predictor_update,
+            predictor_weight_decay=preset.predictor_weight_decay,
             cache_tokens_per_sequence=64,
         ),
         checkpoint_interval=job.get("checkpoint_interval", 0),
@@ -644,7 +657,8 @@ def compare(args, preset: Preset) -> int:
         "PR2 predictors": ", ".join(args.predictors) + " (lookahead: no learned parameters, W_p = "
         "0.5 x the router weight's change over the previous rollout batch; learned ones: "
         f"{args.pr2_loss} loss from mini-step 2, alpha {preset.alpha} = predictor lr "
-        f"{preset.lr * preset.alpha:g} ({preset.predictor_update} update), gradient clipped "
+        f"{preset.lr * preset.alpha:g} ({preset.predictor_update} update, weight decay "
+        f"{preset.predictor_weight_decay:g}), gradient clipped "
         "separately from the policy's)",
         "N=1 check": "R2 vs PR2 with the learned linear predictor",
         "seeds": list(preset.seeds),

@@ -277,7 +277,12 @@ class RLTrainer:
         router_lr_mult x lr when that is not 1."""
         cfg = self.cfg
         groups = predictor_param_groups(
-            self.model, cfg.lr, cfg.pr2.alpha, cfg.weight_decay, cfg.pr2.predictor_update
+            self.model,
+            cfg.lr,
+            cfg.pr2.alpha,
+            cfg.weight_decay,
+            cfg.pr2.predictor_update,
+            cfg.pr2.predictor_weight_decay,
         )
         if cfg.router_lr_mult == 1.0 and cfg.router_weight_decay is None:
             return groups
@@ -509,6 +514,7 @@ class RLTrainer:
             "loss": cfg.pr2.loss,
             "predictor_lr": cfg.lr * cfg.pr2.alpha,
             "predictor_update": cfg.pr2.predictor_update,
+            "predictor_weight_decay": cfg.pr2.predictor_weight_decay,
             "lookahead_scale": cfg.pr2.lookahead_scale,
             "grad_clip": cfg.grad_clip,
             "loss_start": cfg.pr2.loss_start_ministep,
