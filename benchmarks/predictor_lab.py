@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -426,16 +426,44 @@ def summarize(rows: List[dict], window: float = 0.5, min_ministep: int = 2) -> d
     return out
 
 
+def drift_persistence(records: List[dict], lags: Sequence[int] = (1, 2, 3), window: float = 0.5):
+    """How much of a batch's router-weight change D_t = W_0(t) - W_0(t - 1) earlier batches
+    announce: per lag k the cosine of D_t with D_{t-k}, and "sum" its cosine with the sum of
+    every earlier change (the deviation from the first dumped weight, which a predictor that
+    never forgets accumulates), per layer, mean over layers and the last `window` of the steps.
+    Positive: the drift persists (predictable from that history); negative: it reverts."""
+    weights = [r["router_weight"][0].flatten(1) for r in records]
+    changes = [b - a for a, b in zip(weights[:-1], weights[1:])]
+    start = max(int(len(changes) * (1 - window)), max(lags))
+    out = {}
+    cosine = torch.nn.functional.cosine_similarity
+    for k in lags:
+        values = [
+            float(cosine(changes[t], changes[t - k], dim=1).mean())
+            for t in range(start, len(changes))
+        ]
+        out[f"lag {k}"] = statistics.fmean(values) if values else float("nan")
+    values = [
+        float(cosine(changes[t], weights[t] - weights[0], dim=1).mean())
+        for t in range(start, len(changes))
+    ]
+    out["sum"] = statistics.fmean(values) if values else float("nan")
+    return out
+
+
 def run_lab(
     run_dirs: Sequence[str],
     variants: Sequence[str],
     window: float = 0.5,
     train_fraction: float = 1.0,
-) -> Dict[str, List[dict]]:
-    """results[variant] = one summary per run (in run_dirs order)."""
+) -> Tuple[Dict[str, List[dict]], List[dict]]:
+    """(results, persistence): results[variant] = one summary per run, persistence = one
+    drift_persistence per run (in run_dirs order)."""
     results: Dict[str, List[dict]] = {name: [] for name in variants}
+    persistence = []
     for run_dir in run_dirs:
         records = load_dump(run_dir)
+        persistence.append(drift_persistence(records, window=window))
         meta = records[0]["meta"]
         shape = records[0]["h_old"].shape[1:] + records[0]["p_old"].shape[-1:]
         for name in variants:
@@ -446,7 +474,7 @@ def run_lab(
                     window,
                 )
             )
-    return results
+    return results, persistence
 
 
 def real_run_accuracy(run_dir: str, window: float = 0.5) -> Optional[dict]:
@@ -476,9 +504,13 @@ def _ms(values: Sequence[float]) -> str:
 
 
 def markdown(
-    results: Dict[str, List[dict]], run_dirs: Sequence[str], seconds: float, window: float = 0.5
+    results: Dict[str, List[dict]],
+    run_dirs: Sequence[str],
+    seconds: float,
+    window: float = 0.5,
+    persistence: Optional[List[dict]] = None,
 ) -> str:
-    """Table of every variant: mean ± std over runs (seeds)."""
+    """Table of every variant: mean ± std over runs (seeds); then the drift persistence."""
     first = next(iter(results.values()))[0]
     ministeps = sorted(int(k.split("/")[1]) for k in first if k.startswith("pred/"))
     head = ["variant"] + [f"acc i={i}" for i in ministeps]
@@ -520,6 +552,13 @@ def markdown(
             f"{_ms(lab)} vs measured in the runs {_ms(measured)}; per-run lab - run "
             + ", ".join(f"{d:+.4f}" for d in diffs),
         ]
+    if persistence:
+        cells = ", ".join(f"{k} {_ms([p[k] for p in persistence])}" for k in persistence[0])
+        lines += [
+            "",
+            "Drift persistence (cosine of a batch's router-weight change with the change k "
+            "batches earlier, and with the sum of all earlier changes; mean over layers): " + cells,
+        ]
     return "\n".join(lines)
 
 
@@ -539,8 +578,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    results = run_lab(args.run_dirs, args.variants, args.window, args.train_fraction)
-    text = markdown(results, args.run_dirs, time.time() - t0, args.window)
+    results, persistence = run_lab(args.run_dirs, args.variants, args.window, args.train_fraction)
+    text = markdown(results, args.run_dirs, time.time() - t0, args.window, persistence)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
