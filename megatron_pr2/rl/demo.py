@@ -89,8 +89,8 @@ class Preset:
     does not stop RL from improving the policy (measured: README)."""
     alpha: float = 3000.0
     """PR2 predictor learning-rate multiplier: predictor lr = alpha x lr = 0.3, a plain gradient
-    step (predictor_update "sgd"): the best setting the predictor lab found with the previous
-    preset; with the anchored router no lr of the linear head beats R2 (README)."""
+    step (predictor_update "sgd"), with predictor_weight_decay below (the predictor lab's best
+    settings; without the decay no lr of the linear head beats R2 in this preset: README)."""
     predictor_update: str = "sgd"
     """PR2Config.predictor_update of the learned predictors."""
     predictor_weight_decay: float = 3.0
