@@ -161,7 +161,7 @@ def test_compare_end_to_end_micro(tmp_path, capsys):
         argv = ["--compare", "--quick", "--run-dir", str(tmp_path), "--workers", "1"]
         argv += ["--modes", "r2", "pr2", "--seeds", "0", "--steps", "2", "--sft-steps", "3"]
         argv += ["--prompts-per-step", "2", "--group-size", "2", "--ministeps", "2"]
-        argv += ["--eval-problems", "8", "--no-checkpoints"]
+        argv += ["--eval-problems", "8", "--no-checkpoints", "--predictor-weight-decay", "1.5"]
         assert main(argv) == 0
     out = capsys.readouterr().out
     assert "N=1 check (R2 vs PR2, 2 steps): IDENTICAL" in out
@@ -171,6 +171,7 @@ def test_compare_end_to_end_micro(tmp_path, capsys):
     assert "## Acceptance bar" in text and "**pr2-lookahead**" in text
     assert text.index("| expert change per update (drift) |") < text.index("## Settings")
     assert "SMOKE TEST" in text and "SMOKE TEST" in out
+    assert "(sgd update, weight decay 1.5)" in text
     for name in ("reward.png", "clip_fraction.png", "route_accuracy_vs_ministep.png"):
         assert (tmp_path / "plots" / name).exists()
     result = json.loads((tmp_path / "compare" / "r2" / "seed0" / "result.json").read_text())
