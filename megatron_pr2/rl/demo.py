@@ -25,6 +25,9 @@ from megatron_pr2.config import PREDICTOR_KINDS as PREDICTORS
 # Both modules import no megatron-core (apply_cpu_patches must run first on CPU).
 from megatron_pr2.phases import STRATEGIES as MODES
 
+# Default modes of --compare: no replay, R2 and PR2 (once per predictor).
+COMPARE_MODES = ("none", "r2", "pr2")
+
 
 @dataclasses.dataclass
 class Preset:
@@ -151,7 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         "expert slots change per update), quick (= --quick, a smoke test)",
     )
     p.add_argument("--mode", choices=MODES, default="pr2", help="routing mode of a single run")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="--compare modes")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(COMPARE_MODES),
+        help="--compare modes (default: none r2 pr2, what the acceptance bar compares, which fits "
+        "30 minutes on 2 CPU cores; add r3 pr2-r3 for the rollout-route modes)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of a single run")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="--compare seeds")
     p.add_argument("--run-dir", default="runs/rl_demo", help="output directory")
