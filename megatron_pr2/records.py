@@ -161,6 +161,14 @@ def record_layers(routers: List[PR2Router]) -> Tuple[torch.Tensor, bool]:
     return layer_ids, all_layers
 
 
+@functools.lru_cache(maxsize=16)
+def _count_offsets(microbatches: int, layers: int, num_experts: int) -> torch.Tensor:
+    # [M, 1, L, 1] int32 bincount key offsets of each (microbatch, layer column), made once per
+    # shape (every record pass of a run packs the same shape); read only.
+    offsets = torch.arange(microbatches * layers, dtype=torch.int32) * num_experts
+    return offsets.view(microbatches, 1, layers, 1)
+
+
 def pack_microbatches(
     indices: List[torch.Tensor], num_experts: int
 ) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
@@ -179,16 +187,14 @@ def pack_microbatches(
     M, L = len(indices), shape[1]
     stacked = torch.stack(indices)  # [M, T, L, k]
     packed = pack_bits(stacked, bits_for(num_experts)).view(M, -1)
-    # Key of (microbatch, layer column, expert): one bincount counts every microbatch.
-    offsets = (
-        torch.arange(M).view(M, 1, 1, 1) * L + torch.arange(L).view(1, 1, L, 1)
-    ) * num_experts
-    keys = (stacked.to(torch.int64) + offsets).reshape(-1)
+    # Key of (microbatch, layer column, expert): one bincount counts every microbatch. (The
+    # add promotes the narrow ids to int32: no separate widening copy.)
+    keys = (stacked + _count_offsets(M, L, num_experts)).reshape(-1)
     counts = torch.bincount(keys, minlength=M * L * num_experts).view(M, L, num_experts)
     counts = counts.to(torch.int32)
     # Copies, not views of the joint tensors: a RouteBatch saved or sent alone carries its own
-    # bytes only.
-    return [(packed[m].clone(), counts[m].clone()) for m in range(M)]
+    # bytes only. (unbind: one call for the M views.)
+    return [(p.clone(), c.clone()) for p, c in zip(packed.unbind(0), counts.unbind(0))]
 
 
 def ordered_indices(
