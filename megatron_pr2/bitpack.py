@@ -1,6 +1,7 @@
 # Bit packing of expert ids (RouteBatch storage, the route codec): values of `bits` bits each,
 # little-endian bit order. For bits < 8, eight values form a group of exactly `bits` bytes, which
-# packing and unpacking handle as one int64 word (a few whole-tensor ops, no per-value loop).
+# packing and unpacking handle as one word (a few whole-tensor ops, no per-value loop): int64,
+# or int32 when packing ids of <= 4 bits.
 
 import functools
 import math
