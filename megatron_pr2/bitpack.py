@@ -1,7 +1,9 @@
 # Bit packing of expert ids (RouteBatch storage, the route codec): values of `bits` bits each,
 # little-endian bit order. For bits < 8, eight values form a group of exactly `bits` bytes, which
-# packing and unpacking handle as one int64 word (a few whole-tensor ops, no per-value loop).
+# packing and unpacking handle as one word (a few whole-tensor ops, no per-value loop): int64,
+# or int32 when packing ids of <= 4 bits.
 
+import functools
 import math
 import sys
 
@@ -17,28 +19,40 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack non-negative integers (< 2**bits) into a flat uint8 tensor, little-endian bit order.
 
     Value i occupies bits [i * bits, (i + 1) * bits) of the byte stream. For bits <= 8, eight
-    values form one int64 word of exactly `bits` bytes, so packing is a few whole-tensor ops.
+    values form one word of exactly `bits` bytes (int32 up to 4 bits, else int64), so packing
+    is a few whole-tensor ops.
     """
-    flat = values.reshape(-1).to(torch.int64)
-    count = flat.numel()
     if bits > 8:
         # Wide ids (more than 256 experts): bit planes, slower but general.
+        flat = values.reshape(-1).to(torch.int64)
         shifts = torch.arange(bits, device=flat.device)
         plane = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
         plane = torch.cat([plane, plane.new_zeros((-plane.numel()) % 8)])
         weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
         return (plane.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    flat = values.reshape(-1)
+    count = flat.numel()
     if count % 8:
         flat = torch.cat([flat, flat.new_zeros((-count) % 8)])
-    words = (flat.view(-1, 8) << torch.arange(0, 8 * bits, bits, device=flat.device)).sum(dim=1)
+    # The shift promotes the (narrow) ids to the word dtype, so no separate widening copy; an
+    # int32 word (8 ids of <= 4 bits) moves half the bytes of an int64 one.
+    word = torch.int32 if bits <= 4 else torch.int64
+    words = (flat.view(-1, 8) << _word_shifts(bits, word, flat.device)).sum(dim=1, dtype=word)
     if sys.byteorder == "little":
         # A word's low `bits` bytes are its first bytes in memory: one strided copy instead of a
         # shift, mask and cast per byte (the packing runs once per recorded microbatch).
-        packed = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+        packed = words.view(torch.uint8).view(-1, word.itemsize)[:, :bits].reshape(-1)
     else:
         byte_shifts = torch.arange(bits, device=flat.device) * 8
         packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return packed[: -(-count * bits // 8)]
+
+
+@functools.lru_cache(maxsize=64)
+def _word_shifts(bits: int, word: torch.dtype, device: torch.device) -> torch.Tensor:
+    # [8] bit offsets of a group's ids in its word, made once per (bits, dtype, device); read
+    # only (every packing shifts by it).
+    return torch.arange(0, 8 * bits, bits, dtype=word, device=device)
 
 
 def unpack_bits(

@@ -25,10 +25,12 @@ class pr2_range:
     router opens one or two per call, and a generator's set-up costs several microseconds."""
 
     __slots__ = ("label", "_function")
+    # (Class-level annotation: one in __init__ would be evaluated at every range.)
+    _function: Optional[torch.profiler.record_function]
 
     def __init__(self, name: str) -> None:
         self.label = f"pr2/{name}"
-        self._function: Optional[torch.profiler.record_function] = None
+        self._function = None
 
     def __enter__(self) -> None:
         if torch.autograd.profiler._is_profiler_enabled:

@@ -148,17 +148,42 @@ def _stack_layers(tensors: List[torch.Tensor]) -> torch.Tensor:
 def canonical_order(layout: TokenLayout) -> Optional[torch.Tensor]:
     """The permutation that puts the rows of a full layout in canonical token order, None when
     they already are (one sequence, or a layout made so): then no row gather at all."""
+    batch_size = layout.num_tokens // layout.seq_length if layout.seq_length else 0
+    if batch_size and layout is shared_full_layout(layout.seq_length, batch_size):
+        return _shared_order(layout.seq_length, batch_size)  # once per run, not per record pass
     token_index = layout.token_index
     if torch.equal(token_index, torch.arange(token_index.numel())):
         return None
     return torch.argsort(token_index)
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_order(seq_length: int, batch_size: int) -> Optional[torch.Tensor]:
+    # canonical_order of a shared_full_layout; read only, like the layout.
+    layout = shared_full_layout(seq_length, batch_size)
+    return None if batch_size == 1 else torch.argsort(layout.token_index)
+
+
 def record_layers(routers: List[PR2Router]) -> Tuple[torch.Tensor, bool]:
     """MoE-layer ids of `routers` (sorted by id) and whether they are all of the model's."""
-    layer_ids = torch.tensor([r.moe_layer_id for r in routers], dtype=torch.int64)
-    all_layers = torch.equal(layer_ids, torch.arange(sum(moe_layer_pattern(routers[0].config))))
-    return layer_ids, all_layers
+    layer_ids = tuple(r.moe_layer_id for r in routers)
+    return _record_layers(layer_ids, sum(moe_layer_pattern(routers[0].config)))
+
+
+@functools.lru_cache(maxsize=16)
+def _record_layers(layer_ids: Tuple[int, ...], num_moe_layers: int) -> Tuple[torch.Tensor, bool]:
+    # Once per set of layers (every record pass of a run records the same ones); the ids tensor
+    # is read only (a RouteBatch's layer_index, a shard identity's source).
+    ids = torch.tensor(layer_ids, dtype=torch.int64)
+    return ids, layer_ids == tuple(range(num_moe_layers))
+
+
+@functools.lru_cache(maxsize=16)
+def _count_offsets(microbatches: int, layers: int, num_experts: int) -> torch.Tensor:
+    # [M, 1, L, 1] int32 bincount key offsets of each (microbatch, layer column), made once per
+    # shape (every record pass of a run packs the same shape); read only.
+    offsets = torch.arange(microbatches * layers, dtype=torch.int32) * num_experts
+    return offsets.view(microbatches, 1, layers, 1)
 
 
 def pack_microbatches(
@@ -179,16 +204,14 @@ def pack_microbatches(
     M, L = len(indices), shape[1]
     stacked = torch.stack(indices)  # [M, T, L, k]
     packed = pack_bits(stacked, bits_for(num_experts)).view(M, -1)
-    # Key of (microbatch, layer column, expert): one bincount counts every microbatch.
-    offsets = (
-        torch.arange(M).view(M, 1, 1, 1) * L + torch.arange(L).view(1, 1, L, 1)
-    ) * num_experts
-    keys = (stacked.to(torch.int64) + offsets).reshape(-1)
+    # Key of (microbatch, layer column, expert): one bincount counts every microbatch. (The
+    # add promotes the narrow ids to int32: no separate widening copy.)
+    keys = (stacked + _count_offsets(M, L, num_experts)).reshape(-1)
     counts = torch.bincount(keys, minlength=M * L * num_experts).view(M, L, num_experts)
     counts = counts.to(torch.int32)
     # Copies, not views of the joint tensors: a RouteBatch saved or sent alone carries its own
-    # bytes only.
-    return [(packed[m].clone(), counts[m].clone()) for m in range(M)]
+    # bytes only. (unbind: one call for the M views.)
+    return [(p.clone(), c.clone()) for p, c in zip(packed.unbind(0), counts.unbind(0))]
 
 
 def ordered_indices(
@@ -236,10 +259,10 @@ def assemble_record(
             hidden=_stack_layers([rec.hidden for rec in records]),
             logits=_stack_layers([rec.logits for rec in records]),
         )
-    token_index = layout.token_index
-    identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
-    if layout.is_full():  # rows in canonical order (ordered_indices)
-        token_index, identity = None, None
+    token_index, identity = None, None  # full layout: rows in canonical order (ordered_indices)
+    if not layout.is_full():
+        token_index = layout.token_index
+        identity = shard_identity(layout, layer_ids, cached_tokens if cache is not None else None)
     return RouteBatch(
         indices,
         config.num_moe_experts,

@@ -310,10 +310,10 @@ class Residency:
         if device.type == "cuda":
             entry = self._upload_cuda(host, device)
         else:
-            # CPU: views of the host tensors (a copy only to select cache rows); meta (the scale
-            # simulator): shape-only copies.
+            # CPU: the host tensors themselves (a copy only to select cache rows), without a no-op
+            # .to dispatch each; meta (the scale simulator): shape-only copies.
             def move(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-                return None if tensor is None else tensor.to(device)
+                return tensor if tensor is None or tensor.device == device else tensor.to(device)
 
             caches = (
                 [host.cache_column(j, self.cache_dtype) for j in columns] if host.has_cache else []

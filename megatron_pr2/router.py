@@ -86,9 +86,12 @@ class _TopKOverride:
     at them (exactly what Megatron's REPLAY_FORWARD does), otherwise it computes and remembers.
     """
 
+    # (Class-level annotation: one in __init__ would be evaluated on every router call.)
+    top_indices: Optional[torch.Tensor]
+
     def __init__(self, target: Optional[torch.Tensor]) -> None:
         self.target = target
-        self.top_indices: Optional[torch.Tensor] = None
+        self.top_indices = None
 
     def get_replay_topk(
         self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None
@@ -299,19 +302,21 @@ class PR2Router(TopKRouter):
         """The dtype of the gating GEMM, as TopKRouter.gating picks it (moe_router_dtype)."""
         return _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
 
-    @torch.no_grad()
     def fused_gating_weight(self) -> torch.Tensor:
         """W_g + W_p for the no-grad predict_record GEMM, once per pair of weight versions (an
         optimizer step or load bumps them, forwards do not): one [E, H] add per context."""
-        predictor_weight = self.predictor.weight
+        weight, predictor_weight = self.weight, self.predictor.weight
         key = (
-            self.weight.data_ptr(),
-            self.weight._version,
+            weight.data_ptr(),
+            weight._version,
             predictor_weight.data_ptr(),
             predictor_weight._version,
         )
         if self._fused_weight is None or self._fused_weight[0] != key:
-            fused = self.weight + predictor_weight.to(self.weight.dtype)
+            # (no_grad entered only here: a grad-mode context per router call costs more than
+            # the key check.)
+            with torch.no_grad():
+                fused = weight + predictor_weight.to(weight.dtype)
             self._fused_weight = (key, fused)
         return self._fused_weight[1]
 
