@@ -12,7 +12,7 @@
 
 import functools
 import math
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import torch
 
@@ -22,7 +22,6 @@ from megatron_pr2.parallel.layers import moe_layer_pattern
 from megatron_pr2.parallel.sharding import shard_identity
 from megatron_pr2.residency import cache_torch_dtype
 from megatron_pr2.route_answer import Recorded
-from megatron_pr2.router import PR2Router
 from megatron_pr2.routes import (
     PredictorCache,
     RouteBatch,
@@ -30,6 +29,9 @@ from megatron_pr2.routes import (
     narrowest_int_dtype,
     shared_full_layout,
 )
+
+if TYPE_CHECKING:  # annotations only: the packing helpers import no megatron-core
+    from megatron_pr2.router import PR2Router
 
 
 def cache_rows(
@@ -127,7 +129,7 @@ def host_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torc
     return out
 
 
-def host_record(router: PR2Router, record: Recorded) -> Recorded:
+def host_record(router: "PR2Router", record: Recorded) -> Recorded:
     """The host copy of one router call's record (narrow indices, cache in cache_dtype)."""
     cache_dtype = cache_torch_dtype(router.pr2_config)
     return Recorded(
@@ -164,7 +166,7 @@ def _shared_order(seq_length: int, batch_size: int) -> Optional[torch.Tensor]:
     return None if batch_size == 1 else torch.argsort(layout.token_index)
 
 
-def record_layers(routers: List[PR2Router]) -> Tuple[torch.Tensor, bool]:
+def record_layers(routers: List["PR2Router"]) -> Tuple[torch.Tensor, bool]:
     """MoE-layer ids of `routers` (sorted by id) and whether they are all of the model's."""
     layer_ids = tuple(r.moe_layer_id for r in routers)
     return _record_layers(layer_ids, sum(moe_layer_pattern(routers[0].config)))
@@ -234,7 +236,7 @@ def ordered_indices(
 
 
 def assemble_record(
-    routers: List[PR2Router],
+    routers: List["PR2Router"],
     records: List[Recorded],
     layout: TokenLayout,
     cached_rows: Optional[torch.Tensor],
@@ -279,7 +281,7 @@ def assemble_record(
 
 
 def assemble_records(
-    routers: List[PR2Router],
+    routers: List["PR2Router"],
     records: List[List[Recorded]],
     layouts: List[TokenLayout],
     cached_rows: List[Optional[torch.Tensor]],
