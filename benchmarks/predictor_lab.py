@@ -320,11 +320,9 @@ def build_variant(name: str, meta: dict, shape: Sequence[int]) -> Variant:
         return learned(name, kind, values[0], shape, grad_clip=clip)
     if kind == "linear-sgd":
         return learned(name, "linear", values[0], shape, grad_clip=clip, optimizer="sgd")
-    if kind == "linear-sgdupdate":
-        # What PR2Config.predictor_update="sgd" runs: AdamW with beta1 0 and eps 1.
-        return learned(name, "linear", values[0], shape, grad_clip=clip, update="sgd")
-    if kind == "linear-decay":
-        # The RL loop's "sgd" update with PR2Config.predictor_weight_decay = values[1].
+    if kind in ("linear-sgdupdate", "linear-decay"):
+        # What PR2Config.predictor_update="sgd" runs (AdamW with beta1 0 and eps 1), with
+        # PR2Config.predictor_weight_decay = values[1] (linear-decay; 0 if not given).
         decay = values[1] if len(values) > 1 else 0.0
         return learned(
             name, "linear", values[0], shape, grad_clip=clip, update="sgd", weight_decay=decay

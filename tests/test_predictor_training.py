@@ -298,3 +298,28 @@ def test_predictor_weight_decay_shrinks_w_p_before_the_step():
         )
     with pytest.raises(ValueError, match="--pr2-predictor-weight-decay=4: .* shrink"):
         pr2_optimizer_config_overrides(config, 3000.0, {}, "sgd", 4.0)
+
+
+def test_megatron_lm_hook_passes_the_predictor_update_and_weight_decay(monkeypatch):
+    """The Megatron-LM hook's overrides come from --pr2-alpha, --pr2-predictor-update and
+    --pr2-predictor-weight-decay (it once kept only alpha)."""
+    import argparse
+
+    from megatron_pr2.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_pr2.arguments import add_pr2_args
+    from megatron_pr2.megatron_lm import hooks
+
+    argv = ["--pr2-alpha", "3000", "--pr2-predictor-update", "sgd"]
+    args = add_pr2_args(argparse.ArgumentParser()).parse_args(
+        argv + ["--pr2-predictor-weight-decay", "3"]
+    )
+    monkeypatch.setattr(hooks, "megatron_lm_args", lambda: args)
+    config = OptimizerConfig(lr=1e-4, weight_decay=0.1)
+    (override,) = hooks.pr2_optimizer_overrides_from_args(config, {}).values()
+    assert override["max_lr"] == pytest.approx(0.3)
+    assert override["betas"] == (0.0, 0.999) and override["eps"] == 1.0
+    assert override["wd_mult"] * config.weight_decay == pytest.approx(3.0)

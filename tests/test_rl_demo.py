@@ -151,6 +151,15 @@ def test_corrupt_answer_is_a_wrong_well_formed_integer():
             SFTConfig(label_noise=1.0)
 
 
+def test_compare_defaults_to_the_modes_of_the_bar():
+    """--compare runs none, r2 and pr2 unless --modes asks for the rollout-route modes too."""
+    from megatron_pr2.rl.demo import build_parser
+
+    assert build_parser().parse_args(["--compare"]).modes == ["none", "r2", "pr2"]
+    args = build_parser().parse_args(["--compare", "--modes", "r3", "pr2-r3"])
+    assert args.modes == ["r3", "pr2-r3"]
+
+
 def test_compare_end_to_end_micro(tmp_path, capsys):
     """`--compare` on a micro budget: SFT, two modes, N=1 check, table, plots, report."""
     from single_rank import single_rank
